@@ -1,0 +1,1 @@
+"""Host-free torch core of ComfyUI-AFA: imports nothing from ComfyUI."""

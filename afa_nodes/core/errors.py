@@ -1,0 +1,25 @@
+"""Typed errors. Every message names the offending file/model/shape and the fix."""
+
+
+class AFAError(ValueError):
+    """Base class of every error this pack raises on purpose."""
+
+
+class IncompatibleModelsError(AFAError):
+    """Experts whose block features do not line up (different architectures)."""
+
+
+class AggregatorMismatchError(AFAError):
+    """An aggregator file that does not fit the ensemble it is applied to."""
+
+
+class AggregatorFileError(AFAError):
+    """A missing, corrupted or unreadable aggregator file."""
+
+
+class DatasetError(AFAError):
+    """A training dataset that cannot be used."""
+
+
+class TrainingError(AFAError):
+    """Training stopped for a reason the user must act on (NaN loss, bad resume)."""
