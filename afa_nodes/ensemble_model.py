@@ -272,8 +272,9 @@ def aggregator_patcher(aggregator_file, layout: UNetLayout, dtype):
 
 
 def build_ensemble(patchers, names, hashes=None, mode="block-wise average", aggregator_file=None,
-                   weights="", single_index=1):
-    """N ModelPatchers -> one AFA MODEL (a clone of the first). `single_index` is 1-based."""
+                   weights="", single_index=1, sources=None):
+    """N ModelPatchers -> one AFA MODEL (a clone of the first). `single_index` is 1-based;
+    `sources` are the checkpoint paths when known (training hashes them)."""
     from .core.aggregator_file import check_fits
     n = len(patchers)
     if not MIN_MODELS <= n <= MAX_MODELS:
@@ -292,7 +293,8 @@ def build_ensemble(patchers, names, hashes=None, mode="block-wise average", aggr
     layout = layouts[0]
     primary = patchers[0].clone()
     ensemble = Ensemble(names=list(names), hashes=hashes, models=[p.model for p in patchers], layout=layout,
-                        mode=mode, single_index=single_index - 1, info={"weights": weights})
+                        mode=mode, single_index=single_index - 1,
+                        info={"weights": weights, "sources": list(sources) if sources else None})
     if mode == "single model" and not 0 <= single_index - 1 < n:
         raise AFAError(f"model index {single_index} is out of range: the ensemble has models 1 to {n}.")
     extra = [p for p in unique if p.model is not primary.model]

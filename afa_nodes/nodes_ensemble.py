@@ -100,7 +100,8 @@ class AFAEnsembleLoader:
                 loaded[name] = (model, clip, vae, path)
         agg_file = load_aggregator_by_name(aggregator) if mode == "aggregator" else None
         hashes = [file_sha256(loaded[n][3]) for n in names] if agg_file is not None else None
-        model = build_ensemble([loaded[n][0] for n in names], names, hashes, mode, agg_file, weights, model_index)
+        model = build_ensemble([loaded[n][0] for n in names], names, hashes, mode, agg_file, weights, model_index,
+                               sources=[loaded[n][3] for n in names])
         clips = [loaded[n][1] for n in names]
         clip = PerModelCLIP.from_clips(clips) if all(c is not None for c in clips) else clips[0]
         return (model, clip, loaded[names[0]][2])
