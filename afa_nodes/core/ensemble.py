@@ -164,7 +164,10 @@ class EnsembleExecutor:
             return outs
         if self._recorder is not None:
             self._recorder(point, w)
-        mixed = (features * w.unsqueeze(2)).sum(dim=1)
+        # sum_i w_i y_i written as y_1 + sum_{i>1} w_i (y_i - y_1) (equal, as sum_i w_i = 1):
+        # identical experts then give y_1 exactly, whatever the weights.
+        w = w.unsqueeze(2)  # (batch, models, 1, h, w)
+        mixed = outs[0] + ((features[:, 1:] - features[:, :1]) * w[:, 1:]).sum(dim=1)
         return [mixed] * len(outs)
 
 
