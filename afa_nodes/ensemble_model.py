@@ -175,14 +175,14 @@ def make_mixer(ensemble: Ensemble, weights=None):
     layout, n = ensemble.layout, ensemble.num_models
     points = len(layout.points)
     if ensemble.mode == "aggregator":
-        return SABWMixer(ensemble.aggregator)
+        return SABWMixer(ensemble.aggregator, refresh_every=ensemble.info.get("refresh_every", 1))
     if ensemble.mode == "block-wise average":
         return uniform_mixer(points, n)
     if ensemble.mode == "noise average":
         return noise_average_mixer(points, n)
     if ensemble.mode == "fixed weights":
         return fixed_weights_mixer(layout, parse_weights(weights or "", n))
-    return None  # single model
+    return uniform_mixer(points, 1)  # single model: one expert runs, nothing to mix
 
 
 def parse_weights(text: str, n: int) -> dict:
@@ -224,7 +224,11 @@ def _diffusion_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
         if ensemble.recorder is not None:
             def recorder(point, w):
                 ensemble.recorder(point, w, transformer_options)
-        return executor_core(experts, x, timesteps, contexts, ys, ComfyHooks(control, transformer_options), recorder)
+        step = None
+        if ensemble.info.get("refresh_every", 1) > 1 and "sigmas" in transformer_options:
+            step = (float(transformer_options["sigmas"].max()), tuple(transformer_options.get("cond_or_uncond", ())))
+        return executor_core(experts, x, timesteps, contexts, ys, ComfyHooks(control, transformer_options),
+                             recorder, step)
     return afa_diffusion_model
 
 
@@ -272,9 +276,10 @@ def aggregator_patcher(aggregator_file, layout: UNetLayout, dtype):
 
 
 def build_ensemble(patchers, names, hashes=None, mode="block-wise average", aggregator_file=None,
-                   weights="", single_index=1, sources=None):
+                   weights="", single_index=1, sources=None, refresh_every=1):
     """N ModelPatchers -> one AFA MODEL (a clone of the first). `single_index` is 1-based;
-    `sources` are the checkpoint paths when known (training hashes them)."""
+    `sources` are the checkpoint paths when known (training hashes them); `refresh_every`
+    k > 1 re-uses the aggregator's maps for k steps (faster, approximate)."""
     from .core.aggregator_file import check_fits
     n = len(patchers)
     if not MIN_MODELS <= n <= MAX_MODELS:
@@ -294,7 +299,8 @@ def build_ensemble(patchers, names, hashes=None, mode="block-wise average", aggr
     primary = patchers[0].clone()
     ensemble = Ensemble(names=list(names), hashes=hashes, models=[p.model for p in patchers], layout=layout,
                         mode=mode, single_index=single_index - 1,
-                        info={"weights": weights, "sources": list(sources) if sources else None})
+                        info={"weights": weights, "sources": list(sources) if sources else None,
+                              "refresh_every": max(1, int(refresh_every))})
     if mode == "single model" and not 0 <= single_index - 1 < n:
         raise AFAError(f"model index {single_index} is out of range: the ensemble has models 1 to {n}.")
     extra = [p for p in unique if p.model is not primary.model]

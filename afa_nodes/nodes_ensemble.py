@@ -56,6 +56,9 @@ def _ensemble_options():
         "weights": ("STRING", {"default": "", "tooltip": WEIGHTS_TOOLTIP}),
         "model_index": ("INT", {"default": 1, "min": 1, "max": MAX_MODELS,
                                 "tooltip": "For 'single model': which model runs (1 = the first)."}),
+        "map_refresh": ("INT", {"default": 1, "min": 1, "max": 10, "advanced": True,
+                                "tooltip": "For 'aggregator': recompute the aggregator's maps every k steps "
+                                           "(1 = every step, the paper's method; 2-3 is faster and approximate)."}),
     }
 
 
@@ -84,7 +87,7 @@ class AFAEnsembleLoader:
         ckpts = [kwargs.get(f"ckpt_{i}") for i in range(1, MAX_MODELS + 1)]
         return _files_fingerprint("checkpoints", ckpts) + "#" + _files_fingerprint("afa", [aggregator])
 
-    def load(self, aggregator, mode, weights, model_index, **ckpts):
+    def load(self, aggregator, mode, weights, model_index, map_refresh=1, **ckpts):
         names = [ckpts[f"ckpt_{i}"] for i in range(1, MAX_MODELS + 1) if ckpts.get(f"ckpt_{i}") not in (None, NONE)]
         if len(names) < 2:
             raise AFAError("AFA Ensemble Loader needs at least 2 checkpoints: choose ckpt_1 and ckpt_2.")
@@ -101,7 +104,7 @@ class AFAEnsembleLoader:
         agg_file = load_aggregator_by_name(aggregator) if mode == "aggregator" else None
         hashes = [file_sha256(loaded[n][3]) for n in names] if agg_file is not None else None
         model = build_ensemble([loaded[n][0] for n in names], names, hashes, mode, agg_file, weights, model_index,
-                               sources=[loaded[n][3] for n in names])
+                               sources=[loaded[n][3] for n in names], refresh_every=map_refresh)
         clips = [loaded[n][1] for n in names]
         clip = PerModelCLIP.from_clips(clips) if all(c is not None for c in clips) else clips[0]
         return (model, clip, loaded[names[0]][2])
@@ -123,11 +126,12 @@ class AFAEnsemble:
         optional["aggregator"] = ("AFA_AGGREGATOR", {"tooltip": "From AFA Load Aggregator; needed for mode 'aggregator'."})
         return {"required": required, "optional": optional}
 
-    def ensemble(self, mode, weights, model_index, aggregator=None, **models):
+    def ensemble(self, mode, weights, model_index, map_refresh=1, aggregator=None, **models):
         keys = [f"model_{i}" for i in range(1, MAX_MODELS + 1) if models.get(f"model_{i}") is not None]
         patchers = [models[k] for k in keys]
         names = [k.replace("_", " ") for k in keys]  # a MODEL does not know its file
-        return (build_ensemble(patchers, names, None, mode, aggregator, weights, model_index),)
+        return (build_ensemble(patchers, names, None, mode, aggregator, weights, model_index,
+                               refresh_every=map_refresh),)
 
 
 class AFACLIPMerge:

@@ -216,3 +216,19 @@ def test_import_research_code_aggregators(tmp_path):
     assert imported.config.depth == 2  # the research code's num_layers clash makes 2 blocks
     for a, b in zip(imported.state_dict().values(), source.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_map_refresh_reuses_weights_within_a_run():
+    x, t, c = toy_inputs()
+    experts = [ToyExpert(0), ToyExpert(1)]
+    agg = small_aggregator()
+    calls = []
+    forward = agg.forward
+    agg.forward = lambda *a: calls.append(a[0]) or forward(*a)
+    mixer = SABWMixer(agg, refresh_every=2)
+    executor = EnsembleExecutor(TOY_LAYOUT, mixer)
+    outs = [executor(experts, x, t, [c, c], step=(sigma, (0, 1))) for sigma in (14.0, 7.0, 3.0, 14.0)]
+    # steps 0 and 2 compute all 5 points, step 1 re-uses; 14.0 again is a new run: recomputed
+    assert len(calls) == 3 * 5
+    exact = EnsembleExecutor(TOY_LAYOUT, SABWMixer(agg))(experts, x, t, [c, c])
+    assert torch.equal(outs[0], exact) and torch.equal(outs[3], exact)

@@ -36,25 +36,53 @@ class Hooks:
 class Mixer:
     """weights(point, features (batch, models, C, H, W), temb, context) ->
     (batch, models, H or 1, W or 1) summing to 1 over models, or None to keep the
-    models' streams separate at this point."""
+    models' streams separate at this point. `begin(step)` is called once per UNet call."""
+
+    def begin(self, step):
+        pass
 
     def weights(self, point: int, features, temb, context):
         raise NotImplementedError
 
 
 class SABWMixer(Mixer):
-    """The trained aggregator. `time_input` / `text_input` False are the paper's ablations."""
+    """The trained aggregator. `time_input` / `text_input` False are the paper's ablations.
 
-    def __init__(self, aggregator, time_input=True, text_input=True):
+    `refresh_every` k > 1 (off by default) re-uses each point's maps for k sampling steps
+    (they change slowly): the aggregator then runs on one step in k. Needs `begin(step)`
+    with step = (sigma, batch key); a sigma above the previous one starts a new run."""
+
+    def __init__(self, aggregator, time_input=True, text_input=True, refresh_every=1):
         self.aggregator = aggregator
         self.time_input, self.text_input = time_input, text_input
+        self.refresh_every = refresh_every
+        self._cache, self._sigma, self._steps, self._batch = {}, None, 0, None
+
+    def begin(self, step):
+        if self.refresh_every <= 1 or step is None:
+            self._batch = None
+            return
+        sigma, self._batch = step
+        if self._sigma is None or sigma > self._sigma:
+            self._cache.clear()
+            self._steps = 0
+        elif sigma < self._sigma:
+            self._steps += 1
+        self._sigma = sigma
 
     def weights(self, point, features, temb, context):
+        key = None
+        if self._batch is not None:
+            key = (self._batch, point, tuple(features.shape))
+            if self._steps % self.refresh_every and key in self._cache:
+                return self._cache[key]
         p = next(self.aggregator.parameters())
         temb = temb if self.time_input else torch.zeros_like(temb)
         context = context if self.text_input else torch.zeros_like(context)
-        w = self.aggregator(point, features.to(p.dtype), temb.to(p.dtype), context.to(p.dtype))
-        return w.to(features.dtype)
+        w = self.aggregator(point, features.to(p.dtype), temb.to(p.dtype), context.to(p.dtype)).to(features.dtype)
+        if key is not None:
+            self._cache[key] = w
+        return w
 
 
 class ConstantMixer(Mixer):
@@ -113,9 +141,10 @@ class EnsembleExecutor:
         self.num_output = stages.count("output") + 1
 
     def __call__(self, experts, x, timesteps, contexts, ys=None, hooks: Hooks = Hooks(),
-                 recorder: Optional[Callable] = None):
+                 recorder: Optional[Callable] = None, step=None):
         n = len(experts)
         self._recorder = recorder
+        self.mixer.begin(step)
         ys = ys if ys is not None else [None] * n
         embs = [e.embed(timesteps, y, x.dtype) for e, y in zip(experts, ys)]
         temb = embs[0] if n == 1 else torch.stack(embs).mean(0)
