@@ -56,10 +56,12 @@ def _ensemble_options():
         "weights": ("STRING", {"default": "", "tooltip": WEIGHTS_TOOLTIP}),
         "model_index": ("INT", {"default": 1, "min": 1, "max": MAX_MODELS,
                                 "tooltip": "For 'single model': which model runs (1 = the first)."}),
-        "map_refresh": ("INT", {"default": 1, "min": 1, "max": 10, "advanced": True,
-                                "tooltip": "For 'aggregator': recompute the aggregator's maps every k steps "
-                                           "(1 = every step, the paper's method; 2-3 is faster and approximate)."}),
     }
+
+
+MAP_REFRESH = ("INT", {"default": 1, "min": 1, "max": 10, "advanced": True,
+                       "tooltip": "For 'aggregator': recompute the aggregator's maps every k steps "
+                                  "(1 = every step, the paper's method; 2-3 is faster and approximate)."})
 
 
 class AFAEnsembleLoader:
@@ -80,6 +82,7 @@ class AFAEnsembleLoader:
         required.update(_ensemble_options())
         optional = {f"ckpt_{i}": ([NONE] + ckpts, {"default": NONE, "tooltip": f"Optional checkpoint {i}."})
                     for i in range(3, MAX_MODELS + 1)}
+        optional["map_refresh"] = MAP_REFRESH
         return {"required": required, "optional": optional}
 
     @classmethod
@@ -124,6 +127,7 @@ class AFAEnsemble:
         required.update(_ensemble_options())
         optional = {f"model_{i}": ("MODEL", {"tooltip": f"Optional model {i}."}) for i in range(3, MAX_MODELS + 1)}
         optional["aggregator"] = ("AFA_AGGREGATOR", {"tooltip": "From AFA Load Aggregator; needed for mode 'aggregator'."})
+        optional["map_refresh"] = MAP_REFRESH
         return {"required": required, "optional": optional}
 
     def ensemble(self, mode, weights, model_index, map_refresh=1, aggregator=None, **models):

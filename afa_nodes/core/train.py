@@ -1,0 +1,563 @@
+"""Training the SABW aggregator (paper section 3.4), host-free: imports nothing from ComfyUI.
+
+Only the aggregator trains; the N experts (objects following `core.ensemble.Expert`) stay
+frozen. Loss: epsilon-MSE of the ensembled prediction, t uniform over the models' own
+schedule (`NoiseSchedule`), caption dropout per SAMPLE (the empty-caption encoding
+replaces the sample's text for every model). AdamW with linear warm-up (`lr_at`),
+gradient accumulation, clipping, autocast on CUDA, gradient checkpointing of the frozen
+blocks (the executor's `checkpoint_blocks`).
+
+Determinism and resume. Every random draw is a pure function of (seed, what, position):
+the data order of epoch e is a permutation seeded by (seed, e); sample number p of the run
+(p = samples consumed so far) gets its noise, timestep and dropout from a generator seeded
+by (seed, p); validation sample k from (seed, "val", k). So a run gives the same result
+whatever the batch split (accumulation, data-parallel ranks) and a resume needs only the
+step, the sample position and the optimizer state, no RNG snapshot.
+
+Files. `<out>.safetensors` is a normal aggregator file (core.aggregator_file) whose
+"training" metadata holds the experts, steps, data size, losses and the validation table.
+Resume state lives in the sidecar `<out>.safetensors.train-state` (torch.save of plain
+containers, read with weights_only=True): step, sample position, seed, AdamW state, grad
+scaler, loss history. The sidecar is written first and the aggregator second, both
+atomically; a sidecar whose step differs from the aggregator's is ignored with a warning.
+
+Data parallel: `Comm` sums tensors over ranks (torch.distributed when initialised). The
+global batch is `batch_size * grad_accum`; each micro-batch is sharded over the ranks and
+the summed gradients equal the single-process ones. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import logger
+from .aggregator_file import atomic_write, check_fits, load_aggregator, save_aggregator
+from .ensemble import EnsembleExecutor, SABWMixer, uniform_mixer
+from .errors import TrainingError
+from .layout import UNetLayout
+from .sabw import Aggregator, SABWConfig
+
+STATE_SUFFIX = ".train-state"
+STATE_FORMAT = 1
+CURVE_POINTS = 200       # loss-curve points kept in the file's metadata
+FINAL_LOSS_WINDOW = 20   # "final train loss" = mean of the last steps' losses
+
+
+@dataclass
+class NoiseSchedule:
+    """The models' discrete schedule: `sigmas[t]` for t in 0..T-1 (x_t = x_0 + sigma*eps).
+    `timestep(sigma)` gives what the UNet is fed (default: t itself); `calculate_input(sigma,
+    x_t)` the UNet input (default EPS scaling x_t / sqrt(sigma^2 + 1))."""
+    sigmas: torch.Tensor
+    timestep: Optional[Callable] = None
+    calculate_input: Optional[Callable] = None
+
+    @classmethod
+    def scaled_linear(cls, steps=1000, beta_start=0.00085, beta_end=0.012):
+        """SD1.x/SDXL's schedule."""
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        return cls(((1 - alphas_cumprod) / alphas_cumprod).sqrt().float())
+
+    def __len__(self):
+        return len(self.sigmas)
+
+    def model_input(self, sigma, x_t):
+        if self.calculate_input is not None:
+            return self.calculate_input(sigma, x_t)
+        return x_t / (sigma.view(-1, *[1] * (x_t.ndim - 1)) ** 2 + 1.0) ** 0.5
+
+    def model_timestep(self, t, sigma):
+        return t.float() if self.timestep is None else self.timestep(sigma)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000               # total optimizer steps (a resume continues up to this)
+    batch_size: int = 8             # samples per micro-batch (all ranks together)
+    grad_accum: int = 1             # micro-batches per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0      # 0 = no clipping
+    caption_dropout: float = 0.1
+    seed: int = 0
+    save_every: int = 500           # 0 = only at the end (and on cancel)
+    val_every: int = 0              # 0 = at every save
+    mixed_precision: str = "auto"   # auto (bf16/fp16 autocast on CUDA, off elsewhere) | no | fp16 | bf16
+    gradient_checkpointing: Optional[bool] = None   # None = on for CUDA, off on CPU
+    hidden: int = 128               # SABW size (ignored on resume: the file's config wins)
+    heads: int = 8
+    depth: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise TrainingError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}.")
+        if self.lr <= 0:
+            raise TrainingError(f"learning rate must be positive, got {self.lr}.")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise TrainingError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
+
+    @property
+    def global_batch(self):
+        return self.batch_size * self.grad_accum
+
+
+@dataclass
+class TrainData:
+    """`train`/`val`: sequences of samples {"latent": (C, h, w) model latent (after
+    process_latent_in), "contexts": [N x (tokens, context_dim)], optional "ys": [N x (adm,)]}.
+    `empty_contexts` / `empty_ys`: the empty caption's encoding per model (caption dropout)."""
+    train: Sequence
+    val: Sequence = ()
+    empty_contexts: Optional[Sequence] = None
+    empty_ys: Optional[Sequence] = None
+
+
+@dataclass
+class Batch:
+    positions: list        # run-wide sample numbers (train) or validation indices
+    latents: torch.Tensor  # (batch, C, h, w)
+    noise: torch.Tensor    # (batch, C, h, w), the target
+    t: torch.Tensor        # (batch,) timestep indices
+    dropped: torch.Tensor  # (batch,) bool: caption replaced by the empty one
+    contexts: list         # N x (batch, tokens, dim)
+    ys: Optional[list]     # N x (batch, adm) or None
+
+
+@dataclass
+class TrainResult:
+    aggregator: Aggregator
+    step: int
+    stopped: bool                 # cancelled through should_stop (the file is resumable)
+    history: list                 # [[step, train loss]]
+    val_history: list             # [[step, validation loss]]
+    validation: Optional[dict]    # table, see validation_table
+    metadata: dict                # what was written to the file's "training" metadata
+    path: Optional[Path] = None
+
+    @property
+    def report(self) -> str:
+        return format_validation(self.validation, self.metadata)
+
+
+class Comm:
+    """Collective ops of data-parallel training; a single process by default."""
+    rank, world_size = 0, 1
+
+    def all_reduce(self, tensor):
+        """Sum over ranks, in place."""
+        return tensor
+
+    @staticmethod
+    def current() -> "Comm":
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return TorchComm()
+        return Comm()
+
+
+class TorchComm(Comm):
+    def __init__(self):
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def all_reduce(self, tensor):
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant."""
+    if config.warmup_steps <= 0:
+        return config.lr
+    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+
+
+def state_path(out_path) -> Path:
+    return Path(str(out_path) + STATE_SUFFIX)
+
+
+def _seed(*parts) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def _amp_dtype(mode, device):
+    if mode == "no" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+
+
+def _describe_experts(experts):
+    return ", ".join(f"{e.get('name')} (sha256 {str(e.get('sha256') or '?')[:12]})" for e in experts)
+
+
+def check_resume_experts(file_experts, experts, path):
+    """Refuse to resume a file trained on other experts (sha256 when known, else names)."""
+    use_hash = all(e.get("sha256") for e in list(file_experts) + list(experts))
+    key = "sha256" if use_hash else "name"
+    if [e.get(key) for e in file_experts] != [e.get(key) for e in experts]:
+        raise TrainingError(
+            f"cannot resume {Path(path).name}: it was trained on [{_describe_experts(file_experts)}] but the "
+            f"models now are [{_describe_experts(experts)}]. Resume with the same checkpoints in the same "
+            "order, choose another save name, or turn resume off to start over (overwrites the file).")
+
+
+class AggregatorTrainer:
+    """One training run. `run()` trains to `config.steps`; the pieces (make_batch,
+    compute_gradients, validate) are public for tests and tools."""
+
+    def __init__(self, experts, layout: UNetLayout, data: TrainData, schedule: NoiseSchedule,
+                 config: TrainConfig, out_path=None, expert_info=None, resume=False, device="cpu",
+                 comm: Optional[Comm] = None, extra_meta=None):
+        self.experts, self.layout, self.data, self.schedule = list(experts), layout, data, schedule
+        self.config, self.comm = config, comm or Comm.current()
+        self.out_path = Path(out_path) if out_path is not None else None
+        n = len(self.experts)
+        self.expert_info = list(expert_info or [{"name": f"model {i + 1}", "sha256": None} for i in range(n)])
+        self.device = torch.device(device)
+        self.extra_meta = dict(extra_meta or {})
+        if len(data.train) == 0:
+            raise TrainingError("the training set is empty: add captioned images to the dataset folder.")
+        if config.caption_dropout > 0 and data.empty_contexts is None:
+            raise TrainingError("caption dropout needs the empty caption's encoding (TrainData.empty_contexts).")
+        self.amp_dtype = _amp_dtype(config.mixed_precision, self.device)
+        self.checkpointing = (self.device.type == "cuda" if config.gradient_checkpointing is None
+                              else bool(config.gradient_checkpointing))
+        self.step, self.position, self.seed = 0, 0, config.seed
+        self.history, self.val_history, self.validation, self.reference = [], [], None, None
+        self.last_saved = None
+        resume_file = resume and self.out_path is not None and self.out_path.exists()
+        if resume and not resume_file:
+            logger.info("resume: %s does not exist yet, starting a new aggregator", self.out_path)
+        elif not resume and self.out_path is not None and self.out_path.exists() and self.comm.rank == 0:
+            logger.warning("%s exists and resume is off: training starts over and overwrites it", self.out_path)
+        self.aggregator = self._load_for_resume() if resume_file else self._fresh_aggregator(n)
+        self.aggregator.to(self.device, torch.float32).train().requires_grad_(True)
+        self.params = [p for p in self.aggregator.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(self.step, config),
+                                           weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.executor = EnsembleExecutor(layout, SABWMixer(self.aggregator), checkpoint_blocks=self.checkpointing)
+        if resume_file:
+            self._load_state()
+        self._order_cache = (None, None)
+
+    # ------------------------------------------------------------------ set-up
+    def _fresh_aggregator(self, n):
+        c = self.config
+        agg = Aggregator(self.layout.point_channels,
+                         SABWConfig(num_models=n, hidden=c.hidden, heads=c.heads, depth=c.depth,
+                                    context_dim=self.layout.context_dim, time_embed_dim=self.layout.time_embed_dim))
+        agg.reset_parameters(c.seed)
+        return agg
+
+    def _load_for_resume(self):
+        agg_file = load_aggregator(self.out_path)
+        check_resume_experts(agg_file.experts, self.expert_info, self.out_path)
+        check_fits(agg_file, self.layout, [e["name"] for e in self.expert_info])
+        self.step = int(agg_file.training.get("step", 0))
+        self.last_saved = self.step  # the file on disk is the last good state until we save
+        self.position = int(agg_file.training.get("samples_seen", self.step * self.config.global_batch))
+        self.seed = int(agg_file.training.get("config", {}).get("seed", self.config.seed))
+        if self.seed != self.config.seed:
+            logger.warning("resume: %s was trained with seed %d; continuing with it (not %d) so the data "
+                           "order and noise continue exactly", self.out_path.name, self.seed, self.config.seed)
+        self.history = [list(h) for h in agg_file.training.get("loss_curve", [])]
+        logger.info("resuming %s at step %d of %d", self.out_path.name, self.step, self.config.steps)
+        return agg_file.build()
+
+    def _load_state(self):
+        path = state_path(self.out_path)
+        if not path.exists():
+            logger.warning("resume: no optimizer state %s; continuing %s from step %d with a fresh optimizer "
+                           "(the result will differ slightly from an uninterrupted run)",
+                           path.name, self.out_path.name, self.step)
+            return
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a damaged sidecar only costs the optimizer moments
+            logger.warning("resume: cannot read %s (%s); continuing with a fresh optimizer", path.name, e)
+            return
+        if state.get("step") != self.step or state.get("format") != STATE_FORMAT:
+            logger.warning("resume: %s is from step %s but %s from step %d (interrupted save?); continuing "
+                           "with a fresh optimizer", path.name, state.get("step"), self.out_path.name, self.step)
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.position = int(state["position"])
+        self.history = [list(h) for h in state.get("history", self.history)]
+        self.val_history = [list(h) for h in state.get("val_history", [])]
+
+    # ------------------------------------------------------------------ batches
+    def _order(self, epoch):
+        if self._order_cache[0] != epoch:
+            g = torch.Generator().manual_seed(_seed(self.seed, "order", epoch))
+            self._order_cache = (epoch, torch.randperm(len(self.data.train), generator=g).tolist())
+        return self._order_cache[1]
+
+    def make_batch(self, positions, validation=False) -> Batch:
+        """Samples at run-wide `positions` (or validation indices) with their fixed draws."""
+        samples, draws = [], []
+        n_train = len(self.data.train)
+        for p in positions:
+            if validation:
+                sample, key = self.data.val[p], (self.seed, "val", p)
+            else:
+                sample, key = self.data.train[self._order(p // n_train)[p % n_train]], (self.seed, "train", p)
+            g = torch.Generator().manual_seed(_seed(*key))
+            t = int(torch.randint(len(self.schedule), (1,), generator=g))
+            drop = (not validation) and float(torch.rand((), generator=g)) < self.config.caption_dropout
+            noise = torch.randn(sample["latent"].shape, generator=g)
+            samples.append(sample)
+            draws.append((t, drop, noise))
+        n = len(self.experts)
+        contexts, ys = [], None
+        for i in range(n):
+            rows = [self.data.empty_contexts[i] if d[1] else s["contexts"][i] for s, d in zip(samples, draws)]
+            if len({tuple(r.shape) for r in rows}) > 1:
+                raise TrainingError(f"text contexts of different shapes in one batch ({sorted({tuple(r.shape) for r in rows})}); "
+                                    "encode every caption to the same number of tokens.")
+            contexts.append(torch.stack(rows).to(self.device, torch.float32))
+        if samples[0].get("ys") is not None:
+            empty = self.data.empty_ys
+            ys = [torch.stack([empty[i] if d[1] and empty is not None else s["ys"][i] for s, d in zip(samples, draws)])
+                  .to(self.device, torch.float32) for i in range(n)]
+        return Batch(positions=list(positions),
+                     latents=torch.stack([s["latent"] for s in samples]).to(self.device, torch.float32),
+                     noise=torch.stack([d[2] for d in draws]).to(self.device),
+                     t=torch.tensor([d[0] for d in draws], device=self.device),
+                     dropped=torch.tensor([d[1] for d in draws]), contexts=contexts, ys=ys)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def sample_losses(self, batch: Batch, executor=None, experts=None, contexts=None, ys=None):
+        """Per-sample eps-MSE (batch,) of `executor` (default: the trained ensemble)."""
+        sigmas = self.schedule.sigmas.to(self.device)[batch.t].float()
+        x_t = batch.latents + sigmas.view(-1, 1, 1, 1) * batch.noise
+        x_in = self.schedule.model_input(sigmas, x_t)
+        timesteps = self.schedule.model_timestep(batch.t, sigmas)
+        with self._autocast():
+            pred = (executor or self.executor)(experts or self.experts, x_in, timesteps,
+                                               contexts or batch.contexts, ys if ys is not None else batch.ys)
+        return (pred.float() - batch.noise).square().flatten(1).mean(1)
+
+    # ------------------------------------------------------------------ training
+    def compute_gradients(self) -> float:
+        """Gradients of the next optimizer step (summed over ranks); returns its mean loss."""
+        cfg, rank, world = self.config, self.comm.rank, self.comm.world_size
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for m in range(cfg.grad_accum):
+            start = self.position + m * cfg.batch_size
+            mine = list(range(start + rank, start + cfg.batch_size, world))
+            if not mine:
+                continue
+            loss = self.sample_losses(self.make_batch(mine)).sum() / cfg.global_batch
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach()
+        if world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = self.comm.all_reduce(torch.cat([g.flatten() for g in grads]))
+            offset = 0
+            for p in self.params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+            self.comm.all_reduce(total)
+        return float(total)
+
+    def optimizer_step(self, loss: float):
+        """Clip, step with lr_at(step); raises TrainingError on a non-finite loss or gradient."""
+        if not math.isfinite(loss):
+            self._diverged(f"the loss became {loss}")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if self.scaler is None and not math.isfinite(norm):
+            self._diverged(f"the gradient norm became {norm}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.config)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        self.position += self.config.global_batch
+        self.history.append([self.step, loss])
+
+    def _diverged(self, what):
+        if self.last_saved is not None and self.out_path is not None:
+            kept = (f"The last good checkpoint is kept: {self.out_path} (step {self.last_saved}); "
+                    "resume from it with a lower learning rate or a lower max grad norm.")
+        else:
+            kept = "No checkpoint was saved yet (lower 'save every' to keep earlier states)."
+        raise TrainingError(f"{what} at step {self.step + 1}: training stopped and the bad step was not saved. "
+                            f"{kept} If this repeats, check the dataset and models for NaN weights.")
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when any rank says so (cancel must stop all ranks together)."""
+        if self.comm.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return float(self.comm.all_reduce(t)) > 0
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validation_loss(self, executor=None, expert_index=None) -> float:
+        """Mean eps-MSE over the validation set (fixed noise and t per sample), sharded over ranks."""
+        rank, world, bs = self.comm.rank, self.comm.world_size, self.config.batch_size
+        total = torch.zeros((), device=self.device)
+        mine = list(range(rank, len(self.data.val), world))
+        for s in range(0, len(mine), bs):
+            batch = self.make_batch(mine[s:s + bs], validation=True)
+            if expert_index is None:
+                losses = self.sample_losses(batch, executor)
+            else:
+                i = expert_index
+                losses = self.sample_losses(batch, executor, [self.experts[i]], [batch.contexts[i]],
+                                            [batch.ys[i]] if batch.ys is not None else [None])
+            total += losses.sum()
+        self.comm.all_reduce(total)
+        return float(total) / len(self.data.val)
+
+    def validate(self) -> Optional[dict]:
+        """The trained ensemble's validation loss next to the untrained (block-wise average)
+        ensemble's and each single model's, on the same samples, noise and timesteps."""
+        if not len(self.data.val):
+            return None
+        points, n = len(self.layout.points), len(self.experts)
+        self.aggregator.eval()
+        try:
+            if self.reference is None:
+                uniform = EnsembleExecutor(self.layout, uniform_mixer(points, n))
+                single = EnsembleExecutor(self.layout, uniform_mixer(points, 1))
+                self.reference = {"uniform": self.validation_loss(uniform),
+                                  "single": [self.validation_loss(single, i) for i in range(n)]}
+            trained = self.validation_loss()
+        finally:
+            self.aggregator.train()
+        if self.val_history and self.val_history[-1][0] == self.step:  # e.g. resumed at a validated step
+            self.val_history[-1] = [self.step, trained]
+        else:
+            self.val_history.append([self.step, trained])
+        rows = [{"name": "AFA aggregator (trained)", "loss": trained},
+                {"name": "block-wise average (untrained)", "loss": self.reference["uniform"]}]
+        rows += [{"name": f"single model: {e['name']}", "loss": loss}
+                 for e, loss in zip(self.expert_info, self.reference["single"])]
+        self.validation = {"step": self.step, "samples": len(self.data.val), "seed": self.seed,
+                           "metric": "eps-MSE, fixed noise and timestep per sample", "rows": rows}
+        return self.validation
+
+    # ------------------------------------------------------------------ files
+    def metadata(self, finished: bool) -> dict:
+        c = self.config
+        recent = [h[1] for h in self.history[-FINAL_LOSS_WINDOW:]]
+        stride = max(1, math.ceil(len(self.history) / CURVE_POINTS))
+        curve = self.history[::stride] + ([self.history[-1]] if self.history and (len(self.history) - 1) % stride else [])
+        return {
+            "step": self.step, "steps": c.steps, "finished": finished, "samples_seen": self.position,
+            "data": {"train_samples": len(self.data.train), "val_samples": len(self.data.val),
+                     **self.extra_meta.get("data", {})},
+            "config": {"batch_size": c.batch_size, "grad_accum": c.grad_accum, "lr": c.lr,
+                       "weight_decay": c.weight_decay, "warmup_steps": c.warmup_steps,
+                       "max_grad_norm": c.max_grad_norm, "caption_dropout": c.caption_dropout, "seed": self.seed,
+                       "mixed_precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "no",
+                       "gradient_checkpointing": self.checkpointing, "world_size": self.comm.world_size},
+            "final_train_loss": sum(recent) / len(recent) if recent else None,
+            "final_val_loss": self.val_history[-1][1] if self.val_history else None,
+            "validation": self.validation, "loss_curve": curve, "val_curve": self.val_history,
+            **{k: v for k, v in self.extra_meta.items() if k != "data"},
+        }
+
+    def save(self, finished=False) -> dict:
+        meta = self.metadata(finished)
+        if self.out_path is not None and self.comm.rank == 0:
+            state = {"format": STATE_FORMAT, "step": self.step, "position": self.position, "seed": self.seed,
+                     "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                     "history": self.history, "val_history": self.val_history}
+            atomic_write(state_path(self.out_path), lambda tmp: torch.save(state, tmp))
+            save_aggregator(self.out_path, self.aggregator, self.layout, self.expert_info, meta)
+        self.last_saved = self.step
+        return meta
+
+    # ------------------------------------------------------------------ loop
+    def run(self, should_stop: Optional[Callable[[], bool]] = None,
+            progress: Optional[Callable[[int, int, float], None]] = None) -> TrainResult:
+        cfg = self.config
+        val_every = cfg.val_every or cfg.save_every
+        if self.step >= cfg.steps:
+            logger.info("%s is already at step %d (>= %d steps): nothing to train", self.out_path, self.step, cfg.steps)
+        self.validate()
+        while self.step < cfg.steps:
+            if self._agree(should_stop is not None and should_stop()):
+                logger.info("training cancelled at step %d; %s is resumable", self.step, self.out_path)
+                return self._finish(finished=False, stopped=True)
+            loss = self.compute_gradients()
+            self.optimizer_step(loss)
+            if progress is not None:
+                progress(self.step, cfg.steps, loss)
+            if self.step < cfg.steps:
+                if val_every and self.step % val_every == 0:
+                    self.validate()
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self._log_save(self.save())
+        return self._finish(finished=True, stopped=False)
+
+    def _finish(self, finished, stopped):
+        if not stopped and (not self.val_history or self.val_history[-1][0] != self.step):
+            self.validate()  # a cancel saves at once and keeps the last validation
+        meta = self.save(finished)
+        self._log_save(meta)
+        return TrainResult(aggregator=self.aggregator, step=self.step, stopped=stopped, history=self.history,
+                           val_history=self.val_history, validation=self.validation, metadata=meta,
+                           path=self.out_path)
+
+    def _log_save(self, meta):
+        if self.comm.rank != 0:
+            return
+        val = f", val loss {meta['final_val_loss']:.5f}" if meta.get("final_val_loss") is not None else ""
+        train = f"train loss {meta['final_train_loss']:.5f}" if meta.get("final_train_loss") is not None else "no steps"
+        logger.info("step %d/%d: %s%s%s", self.step, self.config.steps, train, val,
+                    f" -> saved {self.out_path}" if self.out_path is not None else "")
+
+
+def train_aggregator(experts, layout, data, schedule, config, out_path=None, expert_info=None, resume=False,
+                     should_stop=None, progress=None, device="cpu", comm=None, extra_meta=None) -> TrainResult:
+    """Train (or resume) an aggregator for `experts`; see AggregatorTrainer."""
+    trainer = AggregatorTrainer(experts, layout, data, schedule, config, out_path, expert_info, resume,
+                                device, comm, extra_meta)
+    return trainer.run(should_stop, progress)
+
+
+def format_validation(table: Optional[dict], meta: Optional[dict] = None) -> str:
+    """The validation table as text (lower is better)."""
+    meta = meta or {}
+    head = f"AFA aggregator training: step {meta.get('step', '?')}/{meta.get('steps', '?')}"
+    if meta.get("final_train_loss") is not None:
+        head += f", train loss {meta['final_train_loss']:.5f} (mean of the last {FINAL_LOSS_WINDOW} steps)"
+    if not table:
+        return head + "\nNo validation set (validation fraction 0 or fewer than 2 images)."
+    lines = [head, f"Validation at step {table['step']}: {table['samples']} held-out sample(s), "
+                   f"{table['metric']} (lower is better)"]
+    width = max(len(r["name"]) for r in table["rows"])
+    best = min(r["loss"] for r in table["rows"])
+    for r in table["rows"]:
+        lines.append(f"  {r['name']:<{width}}  {r['loss']:.5f}{'  <- best' if r['loss'] == best else ''}")
+    return "\n".join(lines)

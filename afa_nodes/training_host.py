@@ -1,0 +1,227 @@
+"""ComfyUI adapter of core.train: experts, data and noise schedule from an AFA MODEL, its CLIP
+and VAE. Used by the AFA Train Aggregator node and by `python -m afa_nodes train`.
+
+ComfyUI runs nodes under torch.inference_mode(), so parameters of models loaded by loader
+nodes are inference tensors, which autograd refuses to save for backward. Training runs in
+`torch.inference_mode(False)` + `torch.enable_grad()`, and `make_autograd_ready` replaces the
+frozen UNets' inference tensors once, in place, by plain copies (same values; the memory of
+one tensor at a time is duplicated while swapping).
+
+Data: images -> VAE latents (raw, cached) -> `process_latent_in` of expert 1; captions -> the
+(per-model) CLIP, split per model with `split_per_model`. Both are cached under
+`<dataset>/.afa_cache` (see core.dataset), keyed by the encoders' weights. Captions are cut
+to the first 77 tokens (one CLIP chunk) so every sample has the same context shape.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+
+from . import logger
+from .core.aggregator_file import file_sha256
+from .core.dataset import (CachedLatentDataset, ImageDataset, build_latent_cache, build_text_cache,
+                           split_indices)
+from .core.errors import TrainingError
+from .core.train import Comm, NoiseSchedule, TrainConfig, TrainData, TrainResult, train_aggregator
+from .ensemble_model import ComfyExpert, require_ensemble, split_per_model
+
+TOKENS = 77
+CACHE_DIR = ".afa_cache"
+
+
+class TrainingExpert(ComfyExpert):
+    """A frozen ComfyUI UNet for the training loop: inputs cast to the UNet's compute dtype."""
+
+    def __init__(self, unet, dtype):
+        super().__init__(unet, {}, torch.empty(0, dtype=dtype), {})
+
+    def embed(self, timesteps, y, dtype):
+        return super().embed(timesteps, y, self.dtype)
+
+    def run_block(self, stage, index, h, emb, context, output_shape=None):
+        return super().run_block(stage, index, h.to(self.dtype), emb, context.to(self.dtype), output_shape)
+
+
+def make_autograd_ready(module: torch.nn.Module) -> int:
+    """Replace inference tensors (parameters, buffers) of `module` by plain frozen copies; returns
+    how many were replaced. Idempotent: a second call finds nothing to replace."""
+    replaced = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    replaced += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    replaced += 1
+    module.requires_grad_(False)
+    return replaced
+
+
+def noise_schedule(model) -> NoiseSchedule:
+    """The experts' own discrete schedule from ComfyUI's model_sampling (eps models only)."""
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.EPS) or not hasattr(sampling, "sigmas"):
+        raise TrainingError(f"the models use {type(sampling).__name__}: AFA training needs discrete "
+                            "epsilon-prediction models (SD1.x, SDXL); v-prediction and flow models are not supported yet.")
+    with torch.inference_mode(False):
+        sigmas = sampling.sigmas.detach().clone().float().cpu()
+    return NoiseSchedule(sigmas=sigmas, timestep=lambda sigma: sampling.timestep(sigma).float(),
+                         calculate_input=sampling.calculate_input)
+
+
+def expert_info(ensemble) -> list:
+    sources = ensemble.info.get("sources") or [None] * ensemble.num_models
+    out = []
+    for name, digest, source in zip(ensemble.names, ensemble.hashes, sources):
+        if digest is None and source is not None:
+            digest = file_sha256(source)
+        out.append({"name": name, "sha256": digest})
+    if not all(e["sha256"] for e in out):
+        logger.warning("the checkpoint files of %s are unknown (models from AFA Ensemble): the aggregator "
+                       "records their names only; resuming checks names, not file hashes",
+                       [e["name"] for e in out if not e["sha256"]])
+    return out
+
+
+# Weights that do not affect what is cached and that some checkpoints leave uninitialised
+# (SD1.x files carry no CLIP text_projection: ComfyUI keeps whatever memory held).
+_UNUSED_WEIGHTS = ("text_projection", "logit_scale")
+
+
+def _fingerprint(*modules, extra="") -> str:
+    """Cheap identity of encoder weights for cache keys: names, shapes and a few values per tensor."""
+    digest = hashlib.sha256(extra.encode())
+    with torch.inference_mode(False), torch.no_grad():
+        for module in modules:
+            for name, t in module.state_dict().items():
+                if any(u in name for u in _UNUSED_WEIGHTS):
+                    continue
+                flat = t.detach().flatten()
+                sample = torch.cat([flat[:64], flat[-64:]]).float().cpu()
+                digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+                digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class _Samples:
+    """CachedLatentDataset -> core.train samples (model latents, per-model contexts)."""
+
+    def __init__(self, dataset: CachedLatentDataset, process_in, n, width):
+        self.dataset, self.process_in, self.n, self.width = dataset, process_in, n, width
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        item = self.dataset[k]
+        latent = self.process_in(item["latent"][None].float())[0]
+        cond = item["text"]["clip"]["cond"][:TOKENS]
+        return {"latent": latent, "contexts": split_per_model(cond.float(), self.n, self.width,
+                                                              f"the encoding of caption {item['caption'][:40]!r}")}
+
+
+def _encode_texts(clip):
+    def encode(captions):
+        out = []
+        for caption in captions:
+            cond = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)["cond"]
+            if cond.shape[1] > TOKENS:
+                logger.warning("caption longer than one CLIP chunk is cut to %d tokens: %r", TOKENS, caption[:60])
+            out.append(cond[0].float().cpu())
+        return out
+    return encode
+
+
+def encode_dataset(model, clip, vae, folder, resolution, val_fraction, seed, cache_dir=None,
+                   comm: Optional[Comm] = None, status: Optional[Callable[[str], None]] = None):
+    """Folder -> (TrainData, data metadata). Rank 0 fills the caches first, other ranks reuse them."""
+    ensemble = require_ensemble(model, "AFA Train Aggregator")
+    comm = comm or Comm.current()
+    folder = Path(folder)
+    cache_dir = Path(cache_dir) if cache_dir else folder / CACHE_DIR
+    dataset = ImageDataset(folder, resolution=resolution, crop="center", seed=seed)
+    others = getattr(clip, "others", [])
+    vae_key = f"vae-{_fingerprint(vae.first_stage_model)}"
+    clips = [clip] + others
+    # clip skip changes the encoding; LoRA patches too (their uuid changes whenever patches change)
+    settings = "|".join(f"{c.layer_idx}:{getattr(c.patcher, 'patches_uuid', '') if c.patcher.patches else ''}"
+                        for c in clips)
+    clip_key = f"clip-{len(clips)}-{_fingerprint(*[c.cond_stage_model for c in clips], extra=settings)}"
+    say = status or (lambda text: None)
+
+    def build():
+        say(f"encoding {len(dataset.entries)} image(s) with the VAE")
+        latents = build_latent_cache(dataset, lambda images: vae.encode(images), vae_key, cache_dir)
+        say(f"encoding {len(set(dataset.captions))} caption(s) with {len(others) + 1} text encoder(s)")
+        texts = build_text_cache(dataset.captions, _encode_texts(clip), clip_key, cache_dir)
+        return latents, texts
+    if comm.world_size > 1:  # one rank encodes, the others then find everything cached
+        if comm.rank == 0:
+            built = build()
+        torch.distributed.barrier()
+        if comm.rank != 0:
+            built = build()
+    else:
+        built = build()
+    latents, texts = built
+    train_idx, val_idx = split_indices(len(dataset.entries), val_fraction, seed)
+    n, width = ensemble.num_models, ensemble.layout.context_dim
+    process_in = ensemble.models[0].process_latent_in
+    train = _Samples(CachedLatentDataset(latents, {"clip": texts}, train_idx, repeats=True, seed=seed), process_in, n, width)
+    val = _Samples(CachedLatentDataset(latents, {"clip": texts}, val_idx, repeats=False, seed=seed), process_in, n, width)
+    empty = split_per_model(texts.get("")["cond"][:TOKENS].float(), n, width, "the empty caption's encoding")
+    meta = {"dataset": folder.name, "images": len(dataset.entries), "train_images": len(train_idx),
+            "val_images": len(val_idx), "resolution": resolution, "crop": "center"}
+    return TrainData(train=train, val=val, empty_contexts=empty), meta
+
+
+def load_experts(model):
+    """Load every expert fully on the compute device and make it usable by autograd."""
+    ensemble = require_ensemble(model, "AFA Train Aggregator")
+    patchers, seen = [], set()
+    for p in [model] + model.get_nested_additional_models():
+        if id(p.model) not in seen:  # load_models_gpu unloads other clones of one BaseModel
+            seen.add(id(p.model))
+            patchers.append(p)
+    comfy.model_management.load_models_gpu(patchers, force_full_load=True)
+    experts, replaced = [], 0
+    for base in ensemble.models:
+        replaced += make_autograd_ready(base.diffusion_model)
+        dtype = base.manual_cast_dtype or base.get_dtype()
+        experts.append(TrainingExpert(base.diffusion_model, dtype))
+    if replaced:
+        logger.info("made %d inference tensor(s) of the frozen UNets usable for backprop", replaced)
+    return experts
+
+
+def train_from_comfy(model, clip, vae, dataset_folder, out_path, config: TrainConfig, resolution=512,
+                     val_fraction=0.1, resume=False, should_stop=None, progress=None, status=None,
+                     comm: Optional[Comm] = None, cache_dir=None) -> TrainResult:
+    """Train (or resume) the aggregator of the AFA MODEL `model` on a folder of captioned images."""
+    ensemble = require_ensemble(model, "AFA Train Aggregator")
+    if ensemble.layout.adm_dim:
+        raise TrainingError("training aggregators for SDXL-family models (label input y) is not supported yet; "
+                            "use SD1.x/SD2.x ensembles, or the training-free modes for SDXL.")
+    if clip is None or vae is None:
+        raise TrainingError("AFA training needs the CLIP and the VAE of the models (from AFA Ensemble Loader).")
+    schedule = noise_schedule(model)
+    with torch.inference_mode(False), torch.enable_grad():
+        data, data_meta = encode_dataset(model, clip, vae, dataset_folder, resolution, val_fraction, config.seed,
+                                         cache_dir, comm, status)
+        if status:
+            status(f"loading {ensemble.num_models} models for training")
+        experts = load_experts(model)
+        device = comfy.model_management.get_torch_device()
+        return train_aggregator(experts, ensemble.layout, data, schedule, config, out_path, expert_info(ensemble),
+                                resume=resume, should_stop=should_stop, progress=progress, device=device,
+                                comm=comm, extra_meta={"data": data_meta, "objective": "eps-MSE",
+                                                       "schedule_steps": len(schedule)})

@@ -1,0 +1,247 @@
+"""Training inside real ComfyUI: the AFA Train Aggregator node (in process, under inference_mode,
+and through a real server prompt), the `train` CLI, and its 2-process gloo data-parallel run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from afa_nodes.core.aggregator_file import file_sha256, load_aggregator
+from afa_nodes.core.errors import DatasetError, TrainingError
+from afa_nodes.core.train import state_path
+
+pytestmark = pytest.mark.comfyui
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_ARGS = dict(steps=3, batch_size=2, learning_rate=1e-3, resolution=64, seed=0, save_every=2, resume=False,
+                  gradient_checkpointing=False, caption_dropout=0.1, validation_fraction=0.34)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors on shared cores: one thread beats two fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_dataset(folder: Path, n=6, size=64):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        base = np.array([255, 40, 40] if k % 2 else [40, 40, 255], dtype=np.float32)
+        pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{k}.png")
+        (folder / f"img_{k}.txt").write_text("a red picture" if k % 2 else "a blue picture")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(comfy, comfy_nodes, sd15_checkpoints):
+    import folder_paths
+    dataset = make_dataset(comfy.input_dir / "afa_train_ds")
+    return dict(nodes=comfy_nodes, folder_paths=folder_paths, ckpts=sd15_checkpoints, dataset=dataset)
+
+
+def load_ensemble(env, indices, mode="block-wise average", aggregator="none"):
+    ckpts = {f"ckpt_{i + 1}": env["ckpts"][k].name for i, k in enumerate(indices)}
+    with torch.inference_mode():
+        return env["nodes"]["AFAEnsembleLoader"]().load(aggregator, mode, "", 1, **ckpts)
+
+
+def train_node(env, model, clip, vae, save_name, **kw):
+    args = dict(TRAIN_ARGS, **kw)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return env["nodes"]["AFATrainAggregator"]().train(model, clip, vae, "afa_train_ds", save_name=save_name, **args)
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    model, clip, vae = load_ensemble(env, [0, 1])
+    agg, curve, report = train_node(env, model, clip, vae, "afa_test_node")
+    from afa_nodes.nodes_train import aggregator_save_path
+    return dict(agg=agg, curve=curve, report=report, path=aggregator_save_path("afa_test_node"))
+
+
+def test_node_trains_under_inference_mode_and_writes_metadata(env, trained):
+    path = trained["path"]
+    assert path.is_file() and state_path(path).is_file()
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    loaded = load_aggregator(path)
+    meta = loaded.training
+    assert meta["step"] == 3 and meta["finished"] and meta["samples_seen"] == 6
+    assert meta["data"]["images"] == 6 and meta["data"]["val_images"] == 2 and meta["data"]["train_samples"] == 4
+    assert meta["data"]["resolution"] == 64 and meta["config"]["caption_dropout"] == 0.1
+    assert [e["name"] for e in loaded.experts] == [p.name for p in env["ckpts"][:2]]
+    assert [e["sha256"] for e in loaded.experts] == [file_sha256(p) for p in env["ckpts"][:2]]
+    names = [r["name"] for r in meta["validation"]["rows"]]
+    assert names[:2] == ["AFA aggregator (trained)", "block-wise average (untrained)"] and len(names) == 4
+    assert meta["final_val_loss"] == meta["validation"]["rows"][0]["loss"] > 0
+    assert trained["agg"].training["step"] == 3  # the node outputs the loaded file
+    curve = trained["curve"]
+    assert curve.shape == (1, 360, 640, 3) and 0.0 <= curve.min() and curve.max() <= 1.0 and curve.std() > 0
+    assert "block-wise average (untrained)" in trained["report"] and "step 3/3" in trained["report"]
+
+
+def test_trained_file_drives_the_loader_and_the_ensemble_node(env, trained):
+    from afa_nodes.ensemble_model import require_ensemble
+    model, clip, _ = load_ensemble(env, [0, 1], mode="aggregator", aggregator=trained["path"].name)
+    ensemble = require_ensemble(model)
+    assert ensemble.aggregator is not None and ensemble.mode == "aggregator"
+    nodes = env["nodes"]
+    with torch.inference_mode():
+        positive = nodes["CLIPTextEncode"]().encode(clip, "a red picture")[0]
+        negative = nodes["CLIPTextEncode"]().encode(clip, "")[0]
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        out = nodes["KSampler"]().sample(model, 1, 1, 2.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    import comfy.sd
+    plain = [comfy.sd.load_checkpoint_guess_config(str(p))[0] for p in env["ckpts"][:2]]
+    with torch.inference_mode():
+        mixed = nodes["AFAEnsemble"]().ensemble("aggregator", "", 1, aggregator=trained["agg"],
+                                                model_1=plain[0], model_2=plain[1])[0]
+    assert require_ensemble(mixed).aggregator is not None
+
+
+@pytest.mark.parametrize("folder", ["../outside", "/tmp", "afa_train_ds/../../x", "", "no_such_folder"])
+def test_dataset_folder_must_be_inside_the_input_directory(env, folder):
+    from afa_nodes.nodes_train import AFATrainAggregator, resolve_dataset_folder
+    with pytest.raises(DatasetError, match="input directory|does not exist|give the dataset folder"):
+        resolve_dataset_folder(folder)
+    message = AFATrainAggregator.VALIDATE_INPUTS(folder, "ok_name")
+    assert isinstance(message, str) and folder.split("/")[-1] in message
+    assert AFATrainAggregator.VALIDATE_INPUTS("afa_train_ds", "ok_name") is True
+    assert "plain file name" in AFATrainAggregator.VALIDATE_INPUTS("afa_train_ds", "../evil")
+
+
+def test_resuming_with_other_models_is_refused_naming_them(env, trained):
+    model, clip, vae = load_ensemble(env, [0, 2])
+    before = trained["path"].read_bytes()
+    with pytest.raises(TrainingError, match=rf"{env['ckpts'][1].name}.*models now are.*{env['ckpts'][2].name}"):
+        train_node(env, model, clip, vae, "afa_test_node", steps=5, resume=True)
+    assert trained["path"].read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path, models_dir, sd15_checkpoints):
+    """Our own server with one OpenMP thread: training on shared cores is several times faster."""
+    from comfy_server import ComfyServer
+    with ComfyServer(comfyui_path, models_dir=models_dir, env=dict(os.environ, OMP_NUM_THREADS="1")) as srv:
+        yield srv
+
+
+def test_server_prompt_trains_and_cancel_leaves_a_resumable_file(server, sd15_checkpoints):
+    """A real prompt execution (nodes run under inference_mode in ComfyUI's executor), then /interrupt."""
+    srv = server
+    make_dataset(srv.input_dir / "afa_srv_ds")
+    afa_dir = Path(srv.models_dir) / "afa"
+
+    def defaults(node):  # required widgets we do not set keep their defaults
+        out = {}
+        for name, spec in srv.object_info(node)[node]["input"]["required"].items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in options:
+                out[name] = options["default"]
+            elif isinstance(spec[0], list) and spec[0]:
+                out[name] = spec[0][0]
+        return out
+
+    def prompt(save_name, steps, save_every):
+        return {
+            "1": {"class_type": "AFAEnsembleLoader", "inputs": dict(
+                defaults("AFAEnsembleLoader"), ckpt_1=sd15_checkpoints[0].name, ckpt_2=sd15_checkpoints[1].name,
+                aggregator="none", mode="block-wise average", weights="", model_index=1)},
+            "2": {"class_type": "AFATrainAggregator", "inputs": dict(
+                TRAIN_ARGS, model=["1", 0], clip=["1", 1], vae=["1", 2], dataset_folder="afa_srv_ds",
+                save_name=save_name, steps=steps, save_every=save_every)},
+        }
+    srv.run(prompt("afa_srv", 2, 0), timeout=300)
+    assert load_aggregator(afa_dir / "afa_srv.safetensors").training["step"] == 2
+
+    target = afa_dir / "afa_srv_cancel.safetensors"
+    prompt_id = srv.queue(prompt("afa_srv_cancel", 100_000, 1))
+    deadline = time.monotonic() + 240
+    while not target.exists():  # saved after every step: training is under way
+        assert time.monotonic() < deadline and srv.history(prompt_id) is None, srv.log_tail()
+        time.sleep(0.2)
+    srv.interrupt()
+    with pytest.raises(Exception, match="interrupted"):
+        srv.wait(prompt_id, timeout=120)
+    meta = load_aggregator(afa_dir / "afa_srv_cancel.safetensors").training
+    assert 1 <= meta["step"] < 100_000 and not meta["finished"]
+    assert torch.load(state_path(afa_dir / "afa_srv_cancel.safetensors"), weights_only=True)["step"] == meta["step"]
+
+
+# ---------------------------------------------------------------------------------- CLI
+def cli(args, tmp, *, nproc=1, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    from afa_nodes.comfy_env import find_comfyui
+    env["COMFYUI_PATH"] = str(find_comfyui())
+    launch = [sys.executable, "-m", "afa_nodes"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "afa_nodes"]
+    # own session: on a timeout the whole group (torchrun's workers too) is killed, nothing is left behind
+    proc = subprocess.Popen(launch + ["train"] + [str(a) for a in args], cwd=tmp, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"train CLI did not finish in {timeout}s:\n{stdout[-2000:]}{stderr[-4000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def cli_args(env, out, data):
+    args = ["--data", data, "--out", out, "--steps", 3, "--batch-size", 4, "--resolution", 64, "--lr", 1e-3,
+            "--warmup", 0, "--save-every", 2, "--val-fraction", 0.34, "--seed", 1, "--no-grad-checkpointing"]
+    for p in env["ckpts"][:2]:
+        args += ["--checkpoint", p]
+    return args
+
+
+@pytest.fixture(scope="module")
+def cli_single(env, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    data = make_dataset(tmp / "data")
+    done = cli(cli_args(env, tmp / "single.safetensors", data), tmp)
+    return dict(tmp=tmp, data=data, out=tmp / "single.safetensors", log=done.stdout + done.stderr)
+
+
+def test_cli_trains_end_to_end(env, cli_single):
+    out = cli_single["out"]
+    meta = load_aggregator(out).training
+    assert meta["step"] == 3 and meta["finished"] and meta["config"]["world_size"] == 1
+    assert [e["sha256"] for e in load_aggregator(out).experts] == [file_sha256(p) for p in env["ckpts"][:2]]
+    assert "Validation at step 3" in cli_single["log"] and "block-wise average (untrained)" in cli_single["log"]
+    assert (cli_single["data"] / ".afa_cache" / "latents").is_dir()
+
+
+def test_cli_two_process_gloo_run_matches_one_process(env, cli_single):
+    tmp = cli_single["tmp"]
+    out = tmp / "ddp.safetensors"
+    done = cli(cli_args(env, out, cli_single["data"]), tmp, nproc=2)
+    ddp, single = load_aggregator(out), load_aggregator(cli_single["out"])
+    assert ddp.training["config"]["world_size"] == 2 and ddp.training["step"] == 3
+    for (_, a), (_, b) in zip(ddp.training["loss_curve"], single.training["loss_curve"]):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert ddp.training["final_val_loss"] == pytest.approx(single.training["final_val_loss"], rel=1e-4)
+    for k, v in single.state_dict.items():
+        torch.testing.assert_close(ddp.state_dict[k], v, rtol=1e-3, atol=1e-5, msg=k)
+    assert (done.stdout + done.stderr).count("Validation at step 3") == 1  # only rank 0 logs
+
+
+def test_benchmark_quick_smoke():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("2", "off"), ("2", "on"), ("3", "off"), ("3", "on")]
+    assert all(float(r[2]) > 0 for r in rows)

@@ -1,0 +1,238 @@
+"""Host-free training loop (afa_nodes.core.train) with toy experts. No ComfyUI needed."""
+import pytest
+import torch
+
+from afa_nodes.core.aggregator_file import load_aggregator
+from afa_nodes.core.errors import TrainingError
+from afa_nodes.core.layout import AggregationPoint, UNetLayout
+from afa_nodes.core.train import (AggregatorTrainer, Comm, NoiseSchedule, TrainConfig, TrainData, format_validation,
+                                  lr_at, state_path, train_aggregator)
+
+C, CTX, TEMB, M = 8, 8, 16, 1.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is much faster than two fighting over shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+SCHEDULE = NoiseSchedule(torch.linspace(0.5, 2.0, 20))
+LAYOUT = UNetLayout(points=(AggregationPoint("input", 0, C), AggregationPoint("middle", 0, C),
+                            AggregationPoint("final", 0, 4)), context_dim=CTX, time_embed_dim=TEMB, adm_dim=0)
+
+
+class KindExpert:
+    """A perfect denoiser for images that are the constant `sign * M` (plus a little texture):
+    eps_hat = (x_t - sign*M) / sigma. Two of them with opposite signs are each right on half of
+    the data and wrong on the other half, so only a per-sample choice of expert is right."""
+
+    def __init__(self, sign):
+        self.sign, self.poison = sign, False
+
+    def embed(self, timesteps, y, dtype):
+        t = timesteps.to(dtype)
+        freqs = torch.arange(1, TEMB, dtype=dtype)
+        return torch.cat([t[:, None], torch.sin(t[:, None] * freqs / 7)], dim=1)  # column 0 carries t
+
+    def run_block(self, stage, index, h, emb, context, output_shape=None):
+        if stage == "input":
+            return torch.cat([h, torch.zeros_like(h)], dim=1)  # carry x_in in channels 0..3
+        if stage == "middle":
+            return h
+        sigma = SCHEDULE.sigmas[emb[:, 0].round().long()].view(-1, 1, 1, 1)
+        x_t = h[:, :4] * (sigma ** 2 + 1) ** 0.5
+        eps = (x_t - self.sign * M) / sigma
+        if self.poison:
+            eps = eps * float("nan")
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+    def head(self, h):
+        return h[:, :4]
+
+
+def make_data(n_train=24, n_val=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    captions = {+1: torch.randn(3, CTX, generator=g), -1: torch.randn(3, CTX, generator=g)}
+
+    def sample(k):
+        kind = 1 if k % 2 == 0 else -1
+        latent = kind * M + 0.1 * torch.randn(4, 6, 6, generator=g)
+        return {"latent": latent, "contexts": [captions[kind]] * 2, "kind": kind}
+    samples = [sample(k) for k in range(n_train + n_val)]
+    return TrainData(train=samples[:n_train], val=samples[n_train:], empty_contexts=[torch.zeros(3, CTX)] * 2)
+
+
+def config(**kw):
+    base = dict(steps=8, batch_size=4, lr=2e-3, warmup_steps=3, save_every=4, seed=0,
+                hidden=32, heads=4, depth=1, caption_dropout=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def experts():
+    return [KindExpert(+1), KindExpert(-1)]
+
+
+INFO = [{"name": "plus.safetensors", "sha256": "aa" * 32}, {"name": "minus.safetensors", "sha256": "bb" * 32}]
+
+
+def run(tmp_path, name="agg.safetensors", data=None, exps=None, info=INFO, **kw):
+    resume, should_stop, progress = kw.pop("resume", False), kw.pop("should_stop", None), kw.pop("progress", None)
+    return train_aggregator(exps or experts(), LAYOUT, data or make_data(), SCHEDULE, config(**kw), tmp_path / name,
+                            info, resume=resume, should_stop=should_stop, progress=progress)
+
+
+def test_lr_warmup_is_linear_then_constant():
+    cfg = TrainConfig(lr=1e-4, warmup_steps=4)
+    assert [lr_at(s, cfg) for s in range(6)] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])
+    assert lr_at(0, TrainConfig(lr=3e-4, warmup_steps=0)) == 3e-4
+
+
+def test_training_learns_to_pick_the_right_expert(tmp_path):
+    seen = []
+    result = run(tmp_path, steps=30, save_every=15, progress=lambda s, total, loss: seen.append((s, total, loss)))
+    losses = [h[1] for h in result.history]
+    assert [s for s, _, _ in seen] == list(range(1, 31)) and seen[-1][1] == 30
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
+    rows = {r["name"]: r["loss"] for r in result.validation["rows"]}
+    trained, uniform = rows["AFA aggregator (trained)"], rows["block-wise average (untrained)"]
+    singles = [rows["single model: plus.safetensors"], rows["single model: minus.safetensors"]]
+    assert trained < 0.5 * uniform and uniform < min(singles)
+    # step 0: a zero-initialised aggregator IS the block-wise average
+    assert result.val_history[0] == [0, pytest.approx(uniform, rel=1e-5)]
+
+    meta = load_aggregator(tmp_path / "agg.safetensors").training
+    assert meta["step"] == 30 and meta["finished"] and meta["samples_seen"] == 120
+    assert meta["data"] == {"train_samples": 24, "val_samples": 8}
+    assert meta["final_val_loss"] == pytest.approx(trained) and meta["final_train_loss"] < losses[0]
+    assert meta["validation"]["rows"][0]["loss"] == pytest.approx(trained)
+    assert load_aggregator(tmp_path / "agg.safetensors").experts == INFO
+    report = format_validation(result.validation, result.metadata)
+    assert "AFA aggregator (trained)" in report and "<- best" in report.splitlines()[2]
+
+
+def _state(path):
+    agg = load_aggregator(path).build().state_dict()
+    side = torch.load(state_path(path), weights_only=True)
+    return agg, side
+
+
+def _assert_same_run(a, b):
+    (agg_a, side_a), (agg_b, side_b) = _state(a), _state(b)
+    assert agg_a.keys() == agg_b.keys()
+    for k in agg_a:
+        assert torch.equal(agg_a[k], agg_b[k]), k
+    assert side_a["step"] == side_b["step"] and side_a["position"] == side_b["position"]
+    for pa, pb in zip(side_a["optimizer"]["state"].values(), side_b["optimizer"]["state"].values()):
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(pa[k], pb[k])
+
+
+def test_resume_continues_exactly(tmp_path):
+    run(tmp_path, "straight.safetensors", steps=8)
+    first = run(tmp_path, "resumed.safetensors", steps=4)
+    assert first.step == 4 and state_path(tmp_path / "resumed.safetensors").exists()
+    again = run(tmp_path, "resumed.safetensors", steps=8, resume=True)
+    assert again.step == 8 and [h[0] for h in again.history] == list(range(1, 9))
+    _assert_same_run(tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors")
+
+
+def test_cancel_leaves_a_resumable_file(tmp_path):
+    run(tmp_path, "straight.safetensors", steps=8)
+    steps = []
+    result = run(tmp_path, "cancelled.safetensors", steps=8, save_every=0,
+                 progress=lambda s, t, loss: steps.append(s), should_stop=lambda: len(steps) >= 3)
+    assert result.stopped and result.step == 3
+    meta = load_aggregator(tmp_path / "cancelled.safetensors").training
+    assert meta["step"] == 3 and not meta["finished"]
+    resumed = run(tmp_path, "cancelled.safetensors", steps=8, save_every=0, resume=True)
+    assert not resumed.stopped and resumed.step == 8
+    _assert_same_run(tmp_path / "straight.safetensors", tmp_path / "cancelled.safetensors")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_file(tmp_path):
+    exps = experts()
+
+    def progress(step, total, loss):
+        if step == 5:
+            exps[1].poison = True
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6.*kept: .*agg.safetensors \(step 4\)"):
+        run(tmp_path, exps=exps, steps=10, save_every=2, progress=progress)
+    kept = load_aggregator(tmp_path / "agg.safetensors")
+    assert kept.training["step"] == 4 and not kept.training["finished"]
+    assert all(torch.isfinite(v).all() for v in kept.state_dict.values())
+    assert torch.load(state_path(tmp_path / "agg.safetensors"), weights_only=True)["step"] == 4
+
+
+def test_caption_dropout_is_per_sample():
+    data = make_data()
+    trainer = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(caption_dropout=0.5, batch_size=16))
+    batch = trainer.make_batch(list(range(16)))
+    assert 0 < int(batch.dropped.sum()) < 16  # mixed inside one batch, not all-or-nothing
+    order = trainer._order(0)
+    for row, dropped in enumerate(batch.dropped.tolist()):
+        want = torch.zeros(3, CTX) if dropped else data.train[order[row]]["contexts"][0]
+        for ctx in batch.contexts:
+            assert torch.equal(ctx[row], want)
+    drops = torch.cat([trainer.make_batch(list(range(s, s + 16))).dropped for s in range(0, 160, 16)])
+    assert 0.35 < drops.float().mean() < 0.65
+    none = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(caption_dropout=0.0, batch_size=16))
+    assert not none.make_batch(list(range(16))).dropped.any()
+
+
+def _grads(trainer):
+    loss = trainer.compute_gradients()
+    return loss, [p.grad.clone() for p in trainer.params]
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+    data = make_data()
+    big = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(batch_size=4, grad_accum=1))
+    acc = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(batch_size=2, grad_accum=2))
+    for trainer in (big, acc):  # move away from the zero-initialised conv_out so every grad is non-trivial
+        torch.nn.init.normal_(trainer.aggregator.blocks[2].conv_out.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+    (loss_big, g_big), (loss_acc, g_acc) = _grads(big), _grads(acc)
+    assert loss_acc == pytest.approx(loss_big, rel=1e-6)
+    assert any(g.abs().sum() > 0 for g in g_big)
+    for a, b in zip(g_big, g_acc):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class ShardComm(Comm):
+    """One rank of a pretend world; all_reduce is left to the test (it sums the ranks)."""
+
+    def __init__(self, rank, world_size):
+        self.rank, self.world_size = rank, world_size
+
+
+def test_data_parallel_shards_add_up_to_the_single_process_gradient():
+    data = make_data()
+    single = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(batch_size=4))
+    ranks = [AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(batch_size=4), comm=ShardComm(r, 2))
+             for r in range(2)]
+    for trainer in [single] + ranks:
+        torch.nn.init.normal_(trainer.aggregator.blocks[2].conv_out.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+    loss, g_single = _grads(single)
+    parts = [_grads(t) for t in ranks]
+    assert parts[0][0] + parts[1][0] == pytest.approx(loss, rel=1e-6)
+    for i, g in enumerate(g_single):
+        torch.testing.assert_close(parts[0][1][i] + parts[1][1][i], g, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_with_other_experts_is_refused(tmp_path):
+    run(tmp_path, steps=2)
+    other = [INFO[0], {"name": "other.safetensors", "sha256": "cc" * 32}]
+    with pytest.raises(TrainingError, match=r"trained on \[plus.safetensors .*minus.safetensors.*models now are .*other.safetensors"):
+        run(tmp_path, info=other, steps=4, resume=True)
+
+
+def test_bad_settings_raise_typed_errors():
+    with pytest.raises(TrainingError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(TrainingError, match="caption_dropout"):
+        TrainConfig(caption_dropout=1.0)
+    with pytest.raises(TrainingError, match="empty"):
+        AggregatorTrainer(experts(), LAYOUT, TrainData(train=[]), SCHEDULE, config())
