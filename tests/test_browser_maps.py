@@ -1,0 +1,227 @@
+"""The attention-map viewer in a real browser: ComfyUI server + headless Debian chromium (CDP).
+
+Loads the maps workflow with the frontend's own app.loadApiJson, queues it with
+app.queuePrompt, then checks that the viewer inside AFA Attention Preview shows a map,
+that its sliders change the drawn map, that hovering reads every model's weight, and that
+the viewer refetches its run after a page reload. Screenshots go to test-artifacts/.
+Skipped when chromium is not installed (apt-get install chromium).
+"""
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_maps_comfy import maps_api_prompt
+
+pytestmark = pytest.mark.comfyui
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+VIEWER = ".afa-maps-viewer"
+
+
+def chromium_path():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class Browser:
+    """Just enough of the Chrome DevTools Protocol: evaluate, mouse, screenshot, reload."""
+
+    def __init__(self, exe):
+        self.profile = tempfile.mkdtemp(prefix="afa-chromium-")
+        self.proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--remote-debugging-port=0", f"--user-data-dir={self.profile}", "--window-size=1400,1000",
+             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        self.ws_url = None
+        while time.monotonic() < deadline and self.ws_url is None:
+            line = self.proc.stderr.readline()
+            if "DevTools listening on" in line:
+                self.ws_url = line.split("DevTools listening on", 1)[1].strip()
+        if self.ws_url is None:
+            self.close()
+            raise RuntimeError("chromium did not start")
+        self.loop = asyncio.new_event_loop()
+        self.msg_id = 0
+        self.loop.run_until_complete(self._connect())
+
+    async def _connect(self):
+        import aiohttp
+        self.session = aiohttp.ClientSession()
+        port = self.ws_url.split(":")[2].split("/")[0]
+        async with self.session.get(f"http://127.0.0.1:{port}/json/list") as r:
+            page = next(t for t in await r.json() if t["type"] == "page")
+        self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+
+    async def _send(self, method, params=None):
+        self.msg_id += 1
+        my_id = self.msg_id
+        await self.ws.send_str(json.dumps({"id": my_id, "method": method, "params": params or {}}))
+        while True:
+            msg = json.loads((await self.ws.receive()).data)
+            if msg.get("method") == "Page.javascriptDialogOpening":  # e.g. "leave site?" on reload
+                self.msg_id += 1
+                await self.ws.send_str(json.dumps({"id": self.msg_id, "method": "Page.handleJavaScriptDialog",
+                                                   "params": {"accept": True}}))
+            if msg.get("id") == my_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def send(self, method, params=None, timeout=120.0):
+        return self.loop.run_until_complete(asyncio.wait_for(self._send(method, params), timeout))
+
+    def eval(self, expression):
+        r = self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True, "returnByValue": True})
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"page error: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(self, expression, timeout=120.0, what=None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                value = self.eval(expression)
+            except RuntimeError as e:  # the page is (re)loading
+                if "navigated" not in str(e) and "context" not in str(e).lower():
+                    raise
+                value = None
+            if value:
+                return value
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what or expression}")
+
+    def screenshot(self, path):
+        data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(base64.b64decode(data))
+
+    def mouse(self, x, y):
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+
+    def close(self):
+        if getattr(self, "loop", None) is not None:
+            async def shut():
+                await self.ws.close()
+                await self.session.close()
+            self.loop.run_until_complete(shut())
+            self.loop.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    b = Browser(exe)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def aggregator_name(comfy, sd15_checkpoints, models_dir):
+    """A random (non-uniform) aggregator for the two checkpoints, in the server's models/afa."""
+    import comfy.sd
+
+    from afa_nodes.core.aggregator_file import save_aggregator
+    from afa_nodes.core.layout import derive_layout
+    from afa_nodes.core.sabw import Aggregator, SABWConfig
+    unet = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoints[0]), output_vae=False,
+                                                 output_clip=False)[0].model.diffusion_model
+    layout = derive_layout(unet)
+    torch.manual_seed(0)
+    agg = Aggregator(layout.point_channels, SABWConfig(2, hidden=32, heads=4, depth=1, context_dim=768,
+                                                       time_embed_dim=layout.time_embed_dim))
+    for block in agg.blocks:
+        torch.nn.init.normal_(block.conv_out.weight, std=2.0)
+    save_aggregator(models_dir / "afa" / "browser_maps.safetensors", agg, layout, [])
+    return "browser_maps.safetensors"
+
+
+def viewer(b, attr):
+    return b.eval(f"document.querySelector('{VIEWER}')?.dataset.{attr} ?? null")
+
+
+def canvas(b):
+    return b.eval(f"(() => {{ const c = document.querySelector('{VIEWER} canvas.afa-maps-canvas');"
+                  f" return c ? {{key: c.dataset.mapKey, sum: c.dataset.checksum}} : null; }})()")
+
+
+def set_slider(b, cls, value):
+    b.eval(f"(() => {{ const s = document.querySelector('{VIEWER} input.{cls}'); s.value = '{value}';"
+           " s.dispatchEvent(new Event('input', {bubbles: true})); })()")
+
+
+def test_viewer_shows_maps_sliders_hover_and_survives_reload(comfy_server, sd15_checkpoints, aggregator_name,
+                                                             browser):
+    srv, b = comfy_server, browser
+    srv.post_json("/settings/Comfy.TutorialCompleted", True)  # no first-run templates dialog
+    prompt = maps_api_prompt(sd15_checkpoints[0].name, sd15_checkpoints[1].name, steps=3)
+    prompt["1"]["inputs"].update(mode="aggregator", aggregator=aggregator_name)
+    b.send("Page.enable")
+    b.send("Page.navigate", {"url": srv.base_url + "/"})
+    b.wait_for("!!(window.comfyAPI?.app?.app?.graph && window.LiteGraph?.registered_node_types?.AFAAttentionPreview"
+               " && window.comfyAPI.app.app.extensions.some(e => e.name === 'ComfyUI-AFA.maps'))",
+               what="the frontend with the AFA nodes and extension")
+    # the frontend restores its last (or default) workflow asynchronously at start-up: load ours
+    # until it stays, then queue it from the page
+    b.wait_for(f"(async () => {{ const app = window.comfyAPI.app.app;"
+               f" await app.loadApiJson({json.dumps(prompt)}, 'afa_maps.json');"
+               " await new Promise(r => setTimeout(r, 500));"
+               " return app.graph.nodes.some(n => n.type === 'AFAAttentionPreview'); })()",
+               timeout=60, what="the maps workflow to load")
+    b.eval("(async () => { const app = window.comfyAPI.app.app;"
+           " const n = app.graph.nodes.find(n => n.type === 'AFAAttentionPreview'); n.pos = [90, 60];"
+           " app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);"
+           " await app.queuePrompt(0, 1); })()")
+    b.wait_for(f"document.querySelector('{VIEWER}')?.dataset.status === 'ready'", timeout=300,
+               what="the viewer to show a map")
+    assert viewer(b, "point") == "middle" and viewer(b, "step") == "2" and viewer(b, "branch") == "cond"
+    first = canvas(b)
+    b.screenshot(ARTIFACTS / "afa_maps_viewer.png")
+
+    set_slider(b, "afa-maps-step", 0)
+    b.wait_for(f"document.querySelector('{VIEWER}')?.dataset.step === '0' && "
+               f"document.querySelector('{VIEWER}').dataset.status === 'ready'", what="step 0")
+    step0 = canvas(b)
+    assert step0["key"] != first["key"] and "step=0" in step0["key"]
+    set_slider(b, "afa-maps-point", 0)
+    b.wait_for(f"document.querySelector('{VIEWER}')?.dataset.point === 'input 0' && "
+               f"document.querySelector('{VIEWER}').dataset.status === 'ready'", what="point input 0")
+    assert canvas(b)["sum"] != step0["sum"]  # another point, another map
+    b.eval(f"document.querySelector('{VIEWER} button.afa-maps-branch[data-branch=uncond]').click()")
+    b.wait_for(f"document.querySelector('{VIEWER}')?.dataset.branch === 'uncond' && "
+               f"document.querySelector('{VIEWER} canvas').dataset.mapKey.includes('branch=uncond')",
+               what="the uncond map")
+
+    box = b.eval(f"(() => {{ const r = document.querySelector('{VIEWER} canvas').getBoundingClientRect();"
+                 " return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+    b.mouse(*box)
+    text = b.wait_for(f"(() => {{ const t = document.querySelector('{VIEWER} .afa-maps-readout').textContent;"
+                      " return t.startsWith('(') ? t : null; })()", what="the hover readout")
+    weights = [float(part.rsplit(" ", 1)[1]) for part in text.split(": ", 1)[1].split(" | ")]
+    assert len(weights) == 2 and abs(sum(weights) - 1) < 0.02
+    b.screenshot(ARTIFACTS / "afa_maps_viewer_hover.png")
+
+    run_id = viewer(b, "runId")
+    b.send("Page.reload")
+    b.wait_for(f"(() => {{ const v = document.querySelector('{VIEWER}')?.dataset;"
+               f" return v && v.status === 'ready' && v.runId === '{run_id}' && v.branch === 'uncond'"
+               " && v.point === 'input 0'; })()",
+               what="the viewer to refetch its run (and keep its view) after a reload")
+    b.screenshot(ARTIFACTS / "afa_maps_viewer_reloaded.png")
