@@ -34,6 +34,8 @@ def add_arguments(p):
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compare", action="store_true", help="skip each base model's own image")
+    p.add_argument("--maps", default="middle, final", help="aggregation points whose attention maps are "
+                   "written (e.g. 'all', '0-11', 'middle'); 'none' to skip")
     p.add_argument("--out", default="afa_output", help="output folder")
     p.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH, the one "
                    "this pack is installed in, ~/comfy/ComfyUI)")
@@ -81,12 +83,19 @@ def run(args) -> int:
         if args.aggregator:
             load_aggregator(args.aggregator)  # fail early with the file's own message
         model, clip, vae = AFAEnsembleLoader().load(agg_name, mode, args.weights, 1, **ckpts)
-        written = [_sample_and_save(nodes, model, clip, vae, settings, out_dir / "afa_ensemble.png")]
+        recorder = None
+        if args.maps != "none" and mode != "single model":
+            from .nodes_maps import record
+            model, recorder = record(model, points="all")
+        path, samples, image = _sample_and_save(nodes, model, clip, vae, settings, out_dir / "afa_ensemble.png")
+        written = [path]
+        if recorder is not None:
+            written += _save_maps(recorder, samples, image, args.maps, out_dir)
         if not args.no_compare:
             for path in paths:
                 base, base_clip, base_vae = comfy.sd.load_checkpoint_guess_config(str(path))[:3]
                 written.append(_sample_and_save(nodes, base, base_clip, base_vae, settings,
-                                                out_dir / f"base_{path.stem}.png"))
+                                                out_dir / f"base_{path.stem}.png")[0])
     for path in written:
         logger.info("wrote %s", path)
     return 0
@@ -99,11 +108,29 @@ def _sample_and_save(nodes, model, clip, vae, settings, path):
     latent = nodes.EmptyLatentImage().generate(s["width"], s["height"], 1)[0]
     samples = nodes.KSampler().sample(model, s["seed"], s["steps"], s["cfg"], s["sampler"], s["scheduler"],
                                       positive, negative, latent)[0]
-    image = nodes.VAEDecode().decode(vae, samples)[0][0]
+    images = nodes.VAEDecode().decode(vae, samples)[0]
+    _save_png(images[0], path, dict(s, image=path.name))
+    return path, samples, images
+
+
+def _save_png(image, path, settings=None):
+    """IMAGE [H, W, 3] 0..1 -> PNG with the settings embedded (written under a temp name, then renamed)."""
     pixels = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     info = PngInfo()
-    info.add_text("afa", json.dumps(dict(s, image=path.name)))
+    if settings:
+        info.add_text("afa", json.dumps(settings))
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
     tmp.replace(path)
     return path
+
+
+def _save_maps(recorder, samples, image, points, out_dir):
+    """Attention maps of the ensemble run: grid per point (rows = steps), dominant model, overlay, chart."""
+    from .nodes_maps import AFAAttentionPreview
+    grids, dominant, overlay, chart = AFAAttentionPreview().preview(
+        recorder, samples, points, -1, "cond", 0, 96, image)["result"]
+    outputs = [(f"afa_maps_grid_{i}.png", g) for i, g in enumerate(grids)]
+    outputs += [("afa_maps_dominant.png", dominant[0]), ("afa_maps_overlay.png", overlay[0]),
+                ("afa_maps_chart.png", chart[0])]
+    return [_save_png(img, out_dir / name) for name, img in outputs]
