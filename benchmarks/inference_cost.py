@@ -12,6 +12,7 @@ import argparse
 import datetime
 import logging
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -56,11 +57,20 @@ def build_afa_step(unets, aggregator_config):
         for block in agg.blocks:
             block.conv_out.weight.normal_(0, 0.1)  # non-uniform weights: the real work
     executor = EnsembleExecutor(layout, SABWMixer(agg))
+    spent = [0.0]  # seconds inside the aggregator: where the overhead goes
+    forward = agg.forward
+
+    def timed_forward(*args):
+        start = time.perf_counter()
+        out = forward(*args)
+        spent[0] += time.perf_counter() - start
+        return out
+    agg.forward = timed_forward
 
     def step(x, t, c):
         experts = [ComfyExpert(u, {}, x, {}) for u in unets]
         return executor(experts, x, t, [c] * len(unets), None, ComfyHooks(None, {}))
-    return step, count_parameters(agg)
+    return step, count_parameters(agg), spent
 
 
 def timed(fn):
@@ -91,18 +101,23 @@ def main(argv=None):
     rows = []
     with torch.inference_mode():
         for n in args.models:
-            afa_step, params = build_afa_step(unets[:n], agg_config)
+            afa_step, params, spent = build_afa_step(unets[:n], agg_config)
             afa_step(x, t, c)  # warm-up
             unets[0](x, t, context=c, transformer_options={})
+            spent[0] = 0.0
             afa, single = [], []
             for _ in range(repeats):  # interleaved: the machine's noise hits both alike
                 afa.append(timed(lambda: afa_step(x, t, c)))
                 single.append(sum(timed(lambda u=u: u(x, t, context=c, transformer_options={})) for u in unets[:n]))
             a, s = statistics.median(afa), statistics.median(single)
-            rows.append((n, size, a, s, a / s, params))
-    header = "| N | px | AFA step s (median) | N single steps s (median) | ratio | aggregator params |"
-    lines = [header, "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {px} | {a:.3f} | {s:.3f} | {r:.3f} | {params:,} |" for n, px, a, s, r, params in rows]
+            unet_mb = sum(p.numel() * p.element_size() for u in unets[:n] for p in u.parameters()) / 2**20
+            rows.append((n, size, a, s, a / s, params, spent[0] / sum(afa), unet_mb, params * 4 / 2**20))
+    header = ("| N | px | AFA step s (median) | N single steps s (median) | ratio | aggregator share of AFA time "
+              "| N UNets weights MB | aggregator MB (params) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {px} | {a:.3f} | {s:.3f} | {r:.3f} | {share:.1%} | {umb:.0f} | {amb:.0f} ({params:,}) |"
+              for n, px, a, s, r, params, share, umb, amb in rows]
+    lines.append(f"peak RSS of the whole run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     logger.info("\n".join(lines))
     logger.info("command: python benchmarks/inference_cost.py %s | %s, torch %s, %d threads, %s",
                 " ".join(argv if argv is not None else sys.argv[1:]), platform.processor() or platform.machine(),
