@@ -94,6 +94,7 @@ class AFAEnsembleLoader:
         names = [ckpts[f"ckpt_{i}"] for i in range(1, MAX_MODELS + 1) if ckpts.get(f"ckpt_{i}") not in (None, NONE)]
         if len(names) < 2:
             raise AFAError("AFA Ensemble Loader needs at least 2 checkpoints: choose ckpt_1 and ckpt_2.")
+        agg_file = load_aggregator_by_name(aggregator) if mode == "aggregator" else None  # fail fast
         loaded = {}
         for name in names:  # the same checkpoint twice is loaded once
             if name not in loaded:
@@ -104,7 +105,6 @@ class AFAEnsembleLoader:
                 if model is None:
                     raise AFAError(f"'{name}' holds no diffusion model (is it a VAE or text encoder file?).")
                 loaded[name] = (model, clip, vae, path)
-        agg_file = load_aggregator_by_name(aggregator) if mode == "aggregator" else None
         hashes = [file_sha256(loaded[n][3]) for n in names] if agg_file is not None else None
         model = build_ensemble([loaded[n][0] for n in names], names, hashes, mode, agg_file, weights, model_index,
                                sources=[loaded[n][3] for n in names], refresh_every=map_refresh)

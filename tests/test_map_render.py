@@ -224,3 +224,15 @@ def test_bitmap_font_fallback(monkeypatch):
     m = const_maps(["a", "b"], [0.5, 0.5])
     check_image(render_grid(m, "middle", cell=48), grid_layout(2, 3, 48)["size"])
     check_image(render_mean_chart(m), chart_layout(2)["size"])
+
+
+def test_equal_weights_are_drawn_as_ties_not_as_model_1():
+    from afa_nodes.core.map_render import TIE_COLOUR, RecordedMaps, render_dominant
+    maps = RecordedMaps(model_names=["a", "b"])
+    w = torch.full((1, 2, 8, 8), 0.5)
+    w[0, 0, :, :4], w[0, 1, :, :4] = 0.9, 0.1  # left half: model a wins clearly
+    maps.add(0, "middle", "cond", w)
+    img = render_dominant(maps, 0, "middle", size=256)[0]
+    right = (img[10, 250] * 255).round().tolist()
+    left = (img[10, 5] * 255).round().tolist()
+    assert right == list(TIE_COLOUR) and left != list(TIE_COLOUR)

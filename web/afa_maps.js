@@ -274,9 +274,10 @@ app.registerExtension({
       const r = onNodeCreated?.apply(this, arguments);
       this.properties = this.properties || {};
       this.afaViewer = new MapsViewer(this);
-      this.addDOMWidget("afa_maps_viewer", "afa_maps_viewer", this.afaViewer.root, {
+      const widget = this.addDOMWidget("afa_maps_viewer", "afa_maps_viewer", this.afaViewer.root, {
         serialize: false, hideOnZoom: false, getMinHeight: () => 360,
       });
+      widget.serialize = false;  // keep it out of saved widgets_values too, not only the API prompt
       this.setSize([Math.max(this.size[0], 380), Math.max(this.size[1], 560)]);
       return r;
     };

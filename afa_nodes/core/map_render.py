@@ -255,12 +255,26 @@ def legend_height(n_models: int) -> int:
     return n_models * LEGEND_ROW_H + MARGIN
 
 
+TIE = 0.02          # top two weights closer than this: no model dominates (drawn grey)
+TIE_COLOUR = (150, 150, 150)
+
+
 def _dominant(maps, step, point, branch, batch_index, hw):
+    """Colours [h,w,3] of the winning model per pixel, each model's pixel share, and the tied share."""
     _check_models(maps)
-    idx = _resize(maps.weights(step, point, branch, batch_index), hw).argmax(0)
+    weights = _resize(maps.weights(step, point, branch, batch_index), hw)
+    top = weights.topk(2, dim=0).values
+    tied = (top[0] - top[1]) < TIE
+    idx = weights.argmax(0)
     colours = np.asarray(PALETTE, dtype=np.uint8)[idx.numpy()]
-    share = torch.bincount(idx.flatten(), minlength=maps.n_models).float() / idx.numel()
-    return colours, share.tolist()
+    colours[tied.numpy()] = TIE_COLOUR
+    share = torch.bincount(idx[~tied], minlength=maps.n_models).float() / idx.numel()
+    return colours, share.tolist(), tied.float().mean().item()
+
+
+def _dominant_title(point, step, branch, tied):
+    title = f"dominant model: {point}, step {step} ({branch})"
+    return title + (f"; {100 * tied:.0f}% tied (grey)" if tied > 0 else "")
 
 
 def _draw_legend(img, y, maps, share, title):
@@ -281,10 +295,10 @@ def render_dominant(maps: RecordedMaps, step: int, point: str, branch: str = "co
     size = max(int(size), LEGEND_MIN_W)
     h, w = maps.weights(step, point, branch, batch_index).shape[-2:]
     mh = max(1, round(size * h / w))
-    colours, share = _dominant(maps, step, point, branch, batch_index, (mh, size))
+    colours, share, tied = _dominant(maps, step, point, branch, batch_index, (mh, size))
     img = Image.new("RGB", (size, mh + TITLE_H + legend_height(maps.n_models)), BG)
     img.paste(Image.fromarray(colours), (0, 0))
-    _draw_legend(img, mh, maps, share, f"dominant model: {point}, step {step} ({branch})")
+    _draw_legend(img, mh, maps, share, _dominant_title(point, step, branch, tied))
     return to_image(img)
 
 
@@ -296,12 +310,13 @@ def render_overlay(image: torch.Tensor, maps: RecordedMaps, step: int, point: st
     if image.dim() != 3 or image.shape[-1] != 3:
         raise AFAError(f"overlay needs an image [H, W, 3], got shape {tuple(image.shape)}")
     H, W = image.shape[:2]
-    colours, share = _dominant(maps, step, point, branch, batch_index, (H, W))
+    colours, share, tied = _dominant(maps, step, point, branch, batch_index, (H, W))
     base = image.detach().float().cpu().clamp(0, 1).numpy()
     mixed = (1 - alpha) * base + alpha * colours.astype(np.float32) / 255.0
     img = Image.new("RGB", (max(W, LEGEND_MIN_W), H + TITLE_H + legend_height(maps.n_models)), BG)
     img.paste(Image.fromarray((mixed * 255 + 0.5).clip(0, 255).astype(np.uint8)), (0, 0))
-    _draw_legend(img, H, maps, share, f"{point}, step {step} ({branch})")
+    _draw_legend(img, H, maps, share, f"{point}, step {step} ({branch})"
+                 + (f"; {100 * tied:.0f}% tied (grey)" if tied > 0 else ""))
     return to_image(img)
 
 
