@@ -118,12 +118,17 @@ def _text_w(font, text: str) -> int:
 
 
 def _fit(font, text: str, max_w: int) -> str:
-    """Truncate with '...' so the text fits in max_w pixels."""
+    """Shorten with '...' in the middle so the text fits in max_w pixels: the end of a
+    name (e.g. '_v2') is often what tells models apart."""
     if _text_w(font, text) <= max_w:
         return text
-    while text and _text_w(font, text + "...") > max_w:
-        text = text[:-1]
-    return text + "..."
+    head, tail = text[: (len(text) + 1) // 2], text[(len(text) + 1) // 2:]
+    while (head or tail) and _text_w(font, head + "..." + tail) > max_w:
+        if len(head) >= len(tail):
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+    return head + "..." + tail
 
 
 def _label(name: str) -> str:
