@@ -1,5 +1,6 @@
 """Host-free core: SABW architecture, layout, executor, aggregator files. No ComfyUI needed."""
 import json
+import os
 
 import pytest
 import torch
@@ -155,6 +156,9 @@ def test_aggregator_file_roundtrip_and_validation(tmp_path, caplog):
     path = tmp_path / "agg.safetensors"
     save_aggregator(path, agg, TOY_LAYOUT, experts, {"steps": 5})
     assert [p.name for p in tmp_path.iterdir()] == ["agg.safetensors"]  # no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     loaded = load_aggregator(path)
     assert loaded.training == {"steps": 5} and loaded.config == agg.config
     rebuilt = loaded.build()
