@@ -205,3 +205,16 @@ def _concat_streams(hs, skips):
     if all(h is hs[0] for h in hs) and all(s is skips[0] for s in skips):
         return [torch.cat([hs[0], skips[0]], dim=1)] * len(hs)
     return [torch.cat([h, s], dim=1) for h, s in zip(hs, skips)]
+
+
+class BlockScalarMixer(torch.nn.Module, Mixer):
+    """Trainable ablation "without spatial maps": one learnable logit per model per point,
+    softmax over models (no features, timestep or text input). Zero logits = 1/N."""
+
+    def __init__(self, num_points: int, num_models: int):
+        torch.nn.Module.__init__(self)
+        self.logits = torch.nn.Parameter(torch.zeros(num_points, num_models))
+
+    def weights(self, point, features, temb, context):
+        w = torch.softmax(self.logits[point].float(), dim=0).to(features.dtype)
+        return w.view(1, -1, 1, 1).expand(features.shape[0], -1, 1, 1)
