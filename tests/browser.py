@@ -88,7 +88,16 @@ class Browser:
         raise AssertionError(f"timed out waiting for {what or expression}")
 
     def screenshot(self, path):
-        data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
+        # headless chromium can stall a capture of a page that lost focus (seen after a reload):
+        # bring it to the front and retry once
+        for attempt in range(2):
+            self.send("Page.bringToFront")
+            try:
+                data = self.send("Page.captureScreenshot", {"format": "png", "fromSurface": True}, timeout=45)["data"]
+                break
+            except asyncio.TimeoutError:
+                if attempt:
+                    raise
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(base64.b64decode(data))
 
