@@ -49,6 +49,11 @@ class Browser:
             page = next(t for t in await r.json() if t["type"] == "page")
         self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
 
+    async def _reconnect(self):
+        await self.ws.close()
+        await self.session.close()
+        await self._connect()
+
     async def _send(self, method, params=None):
         self.msg_id += 1
         my_id = self.msg_id
@@ -88,16 +93,17 @@ class Browser:
         raise AssertionError(f"timed out waiting for {what or expression}")
 
     def screenshot(self, path):
-        # headless chromium can stall a capture of a page that lost focus (seen after a reload):
-        # bring it to the front and retry once
+        # after a page reload headless chromium can stall or refuse a capture ("Not attached to an
+        # active page": the reload swapped the renderer): reconnect to the page, retry once
         for attempt in range(2):
-            self.send("Page.bringToFront")
             try:
+                self.send("Page.bringToFront")
                 data = self.send("Page.captureScreenshot", {"format": "png", "fromSurface": True}, timeout=45)["data"]
                 break
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, RuntimeError):
                 if attempt:
                     raise
+                self.loop.run_until_complete(self._reconnect())
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(base64.b64decode(data))
 
