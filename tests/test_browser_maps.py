@@ -118,4 +118,5 @@ def test_viewer_shows_maps_sliders_hover_and_survives_reload(comfy_server, sd15_
                f" return v && v.status === 'ready' && v.runId === '{run_id}' && v.branch === 'uncond'"
                " && v.point === 'input 0'; })()",
                what="the viewer to refetch its run (and keep its view) after a reload")
-    b.screenshot(ARTIFACTS / "afa_maps_viewer_reloaded.png")
+    # no screenshot after the reload: in a fresh clone chromium detaches the page target for
+    # captures after Page.reload ("Not attached to an active page"); the DOM check above is the test
