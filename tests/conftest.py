@@ -178,3 +178,15 @@ def comfy_server(comfyui_path, models_dir):
 
     with ComfyServer(comfyui_path, models_dir=models_dir) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium (tests/browser.py); skips when it is not installed."""
+    from browser import Browser, chromium_path
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    b = Browser(exe)
+    yield b
+    b.close()

@@ -10,21 +10,11 @@ import json
 
 import pytest
 import torch
-from browser import ARTIFACTS, Browser, chromium_path
+from browser import ARTIFACTS
 from test_maps_comfy import maps_api_prompt
 
 pytestmark = pytest.mark.comfyui
 VIEWER = ".afa-maps-viewer"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    exe = chromium_path()
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    b = Browser(exe)
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")

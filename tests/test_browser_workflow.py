@@ -5,22 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-from browser import ARTIFACTS, Browser, chromium_path
+from browser import ARTIFACTS
 
 pytestmark = pytest.mark.comfyui
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "afa_2_models_txt2img.json"
 AFA_NODES = ["AFAEnsembleLoader", "AFAEnsemble", "AFACLIPMerge", "AFALoadAggregator", "AFATrainAggregator",
              "AFARecordAttention", "AFAAttentionPreview"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    exe = chromium_path()
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    b = Browser(exe)
-    yield b
-    b.close()
 
 
 def test_example_workflow_loads_and_runs_from_the_ui(comfy_server, sd15_checkpoints, browser):
