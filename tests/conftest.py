@@ -190,3 +190,13 @@ def browser():
     b = Browser(exe)
     yield b
     b.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors on shared cores: one torch thread beats two fighting over them."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

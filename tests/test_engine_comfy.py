@@ -281,3 +281,26 @@ def test_trained_on_other_experts_warns_with_names(env, afa_dir, caplog):
                     [{"name": "alpha.safetensors", "sha256": "0" * 64}, {"name": "beta.safetensors", "sha256": "1" * 64}])
     loader(env, names, "aggregator", "other_experts.safetensors")
     assert "alpha.safetensors" in caplog.text and names[1] in caplog.text
+
+
+def test_ksampler_advanced_and_sampler_custom_on_copies_equal_the_model(env):
+    """The AFA MODEL through the other stock samplers: copies of one checkpoint reproduce it."""
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as custom
+    name = env["sd15"][0]
+    base, clip, _ = load(env, name)
+    copies = loader(env, [name] * 2)[0]
+    pos, neg = encode(env, clip, "a fox"), encode(env, clip, "")
+
+    def run(model):
+        with torch.inference_mode():
+            adv = env["nodes"].KSamplerAdvanced().sample(model, "enable", 5, 3, 4.0, "dpmpp_2m", "karras", pos, neg,
+                                                         latent(), 0, 3, "disable")[0]["samples"]
+            sampler = comfy.samplers.sampler_object("euler")
+            sigmas = torch.cat([model.get_model_object("model_sampling").sigmas[[999, 500, 0]], torch.zeros(1)])
+            out = custom.SamplerCustom.execute(model, True, 5, 4.0, pos, neg, sampler, sigmas, latent())
+            result = out.result if hasattr(out, "result") else out.args
+        return adv, result[0]["samples"]
+    (a1, c1), (a2, c2) = run(base), run(copies)
+    assert torch.isfinite(a1).all() and torch.isfinite(c1).all()
+    assert torch.equal(a1, a2) and torch.equal(c1, c2)

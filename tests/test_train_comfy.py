@@ -16,19 +16,12 @@ from afa_nodes.core.aggregator_file import file_sha256, load_aggregator
 from afa_nodes.core.errors import DatasetError, TrainingError
 from afa_nodes.core.train import state_path
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = dict(steps=3, batch_size=2, learning_rate=1e-3, resolution=64, seed=0, save_every=2, resume=False,
                   gradient_checkpointing=False, caption_dropout=0.1, validation_fraction=0.34)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on shared cores: one thread beats two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_dataset(folder: Path, n=6, size=64):

@@ -11,14 +11,8 @@ from afa_nodes.core.train import (AggregatorTrainer, Comm, NoiseSchedule, TrainC
 C, CTX, TEMB, M = 8, 8, 16, 1.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is much faster than two fighting over shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SCHEDULE = NoiseSchedule(torch.linspace(0.5, 2.0, 20))
 LAYOUT = UNetLayout(points=(AggregationPoint("input", 0, C), AggregationPoint("middle", 0, C),
                             AggregationPoint("final", 0, 4)), context_dim=CTX, time_embed_dim=TEMB, adm_dim=0)
