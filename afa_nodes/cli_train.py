@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
     parser.add_argument("--resolution", type=int, default=512, help="square training size in pixels (default 512)")
+    parser.add_argument("--crop", choices=["center", "random"], default="center",
+                        help="center crop, or seeded random crops (validation: always center; default center)")
+    parser.add_argument("--crop-variants", type=int, default=4, metavar="K",
+                        help="with --crop random: crops cached per training image (default 4)")
+    parser.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=False,
+                        help="aspect-ratio buckets of about resolution^2 pixels (default off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=500, help="save and validate every K steps (0: at the end)")
     parser.add_argument("--resume", action="store_true", help="continue --out (same checkpoints required)")
@@ -125,7 +131,8 @@ def _run(args, rank, world, local_rank) -> int:
                                       config, resolution=args.resolution, val_fraction=args.val_fraction,
                                       resume=args.resume, should_stop=lambda: stop["flag"],
                                       progress=bar, status=lambda text: logger.info("%s", text),
-                                      comm=Comm.current(), cache_dir=args.cache_dir)
+                                      comm=Comm.current(), cache_dir=args.cache_dir, crop=args.crop,
+                                      crop_variants=args.crop_variants, buckets=args.buckets)
         finally:
             signal.signal(signal.SIGINT, previous)
             if bar is not None:

@@ -21,6 +21,8 @@ from .core.train import TrainConfig
 from .training_host import train_from_comfy
 
 CATEGORY = "AFA"
+CROP_MODES = ["center", "random"]
+DEFAULT_CROP_VARIANTS = 4
 CURVE_SIZE = (640, 360)
 TEXT_EVERY = 0.5  # seconds between progress-text updates
 
@@ -133,7 +135,7 @@ class AFATrainAggregator:
                 "steps": ("INT", {"default": 1000, "min": 1, "max": 1_000_000, "tooltip": "Total optimizer steps (with resume: the target, counting the steps already done)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step (the paper uses 8; raise gradient accumulation if memory is short)."}),
                 "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5, "round": False, "tooltip": "AdamW learning rate (paper: 1e-4), with 100 warm-up steps."}),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip": "Training images are scaled and center-cropped to this square size."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip": "Training images are scaled and cropped (see 'crop') to this square size; with 'buckets', to the bucket of about this area nearest each image's aspect ratio."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the initialisation, data order, noise and the train/validation split."}),
                 "save_name": ("STRING", {"default": "afa_aggregator", "tooltip": "Written to models/afa/<save name>.safetensors (+ .train-state for resuming)."}),
                 "save_every": ("INT", {"default": 250, "min": 0, "max": 1_000_000, "tooltip": "Save (and validate) every K steps; 0 = only at the end."}),
@@ -144,6 +146,9 @@ class AFATrainAggregator:
             },
             "optional": {
                 "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Micro-batches per step: effective batch = batch size x this."}),
+                "crop": (CROP_MODES, {"default": "center", "tooltip": "center: one centred crop per image. random: 'crop variants' seeded random crops per training image, encoded once; every epoch each image uses one of them (the paper trains with random crops). Validation always uses the centre crop."}),
+                "crop_variants": ("INT", {"default": DEFAULT_CROP_VARIANTS, "min": 1, "max": 64, "tooltip": "With random crop: crops cached per training image (each costs one VAE encode and its disk space once)."}),
+                "buckets": ("BOOLEAN", {"default": False, "tooltip": "Aspect-ratio buckets: each image keeps its shape, scaled to the bucket (sides multiples of 64, about resolution x resolution pixels, aspect up to 2:1) nearest its aspect ratio; every batch holds one bucket. Off: square crops."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -174,7 +179,8 @@ class AFATrainAggregator:
 
     def train(self, model, clip, vae, dataset_folder, steps, batch_size, learning_rate, resolution, seed, save_name,
               save_every, resume, gradient_checkpointing, caption_dropout, validation_fraction,
-              gradient_accumulation=1, unique_id=None):
+              gradient_accumulation=1, crop="center", crop_variants=DEFAULT_CROP_VARIANTS, buckets=False,
+              unique_id=None):
         folder = resolve_dataset_folder(dataset_folder)
         out_path = aggregator_save_path(save_name)
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=gradient_accumulation, lr=learning_rate,
@@ -201,7 +207,8 @@ class AFATrainAggregator:
 
         result = train_from_comfy(model, clip, vae, folder, out_path, config, resolution=resolution,
                                   val_fraction=validation_fraction, resume=resume, should_stop=should_stop,
-                                  progress=progress, status=status)
+                                  progress=progress, status=status, crop=crop, crop_variants=crop_variants,
+                                  buckets=buckets)
         if result.stopped:
             logger.info("AFA training cancelled at step %d; %s can be resumed", result.step, out_path)
             comfy.model_management.throw_exception_if_processing_interrupted()

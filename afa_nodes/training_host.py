@@ -11,6 +11,14 @@ Data: images -> VAE latents (raw, cached) -> `process_latent_in` of expert 1; ca
 (per-model) CLIP, split per model with `split_per_model`. Both are cached under
 `<dataset>/.afa_cache` (see core.dataset), keyed by the encoders' weights. Captions are cut
 to the first 77 tokens (one CLIP chunk) so every sample has the same context shape.
+Crops: center, or `crop_variants` seeded random crops per training image cached once (each
+epoch picks one); validation always uses the center crop. Aspect-ratio buckets (optional):
+each image goes to the bucket nearest its aspect ratio, and batches stay inside a bucket.
+Models with a label input y (SDXL family): the text cache also keeps the pooled output, and
+y is built as at sampling: expert 1's `encode_adm` of the stacked pooled output with the
+SDXL size conditioning of the image (original size, crop top-left in the resized image,
+target size), split per model by `split_adm`; a dropped caption gets the empty caption's
+pooled output with the same sizes.
 """
 from __future__ import annotations
 
@@ -24,12 +32,12 @@ import comfy.model_management
 import comfy.model_sampling
 
 from . import logger
-from .core.aggregator_file import file_sha256
+from .core.aggregator_file import file_sha256, load_aggregator
 from .core.dataset import (CachedLatentDataset, ImageDataset, build_latent_cache, build_text_cache,
                            split_indices)
-from .core.errors import TrainingError
+from .core.errors import AFAError, DatasetError, TrainingError
 from .core.train import Comm, NoiseSchedule, TrainConfig, TrainData, TrainResult, train_aggregator
-from .ensemble_model import ComfyExpert, require_ensemble, split_per_model
+from .ensemble_model import ComfyExpert, require_ensemble, split_adm, split_per_model
 
 TOKENS = 77
 CACHE_DIR = ".afa_cache"
@@ -42,7 +50,7 @@ class TrainingExpert(ComfyExpert):
         super().__init__(unet, {}, torch.empty(0, dtype=dtype), {})
 
     def embed(self, timesteps, y, dtype):
-        return super().embed(timesteps, y, self.dtype)
+        return super().embed(timesteps, None if y is None else y.to(self.dtype), self.dtype)
 
     def run_block(self, stage, index, h, emb, context, output_shape=None):
         return super().run_block(stage, index, h.to(self.dtype), emb, context.to(self.dtype), output_shape)
@@ -113,42 +121,112 @@ def _fingerprint(*modules, extra="") -> str:
 
 
 class _Samples:
-    """CachedLatentDataset -> core.train samples (model latents, per-model contexts)."""
+    """CachedLatentDataset -> core.train samples: model latent, per-model contexts and, with
+    `make_ys`, per-model y for the caption and for the empty caption."""
 
-    def __init__(self, dataset: CachedLatentDataset, process_in, n, width):
+    def __init__(self, dataset: CachedLatentDataset, process_in, n, width, make_ys=None, empty_pooled=None):
         self.dataset, self.process_in, self.n, self.width = dataset, process_in, n, width
+        self.make_ys, self.empty_pooled = make_ys, empty_pooled
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, k):
-        item = self.dataset[k]
+        return self.at(k, self.dataset.epoch)
+
+    def at(self, k, epoch):
+        item = self.dataset.at(k, epoch)
         latent = self.process_in(item["latent"][None].float())[0]
-        cond = item["text"]["clip"]["cond"][:TOKENS]
-        return {"latent": latent, "contexts": split_per_model(cond.float(), self.n, self.width,
-                                                              f"the encoding of caption {item['caption'][:40]!r}")}
+        text = item["text"]["clip"]
+        sample = {"latent": latent, "contexts": split_per_model(text["cond"][:TOKENS].float(), self.n, self.width,
+                                                                f"the encoding of caption {item['caption'][:40]!r}")}
+        if self.make_ys is not None:
+            sample["ys"] = self.make_ys(text["pooled"], item)
+            sample["empty_ys"] = self.make_ys(self.empty_pooled, item)
+        return sample
 
 
-def _encode_texts(clip):
+def adm_maker(ensemble):
+    """(pooled output, dataset item) -> y per model, built the way the AFA MODEL builds it at
+    sampling (expert 1's encode_adm of the per-model stack, then split_adm), with the item's
+    SDXL size conditioning: original size, crop top-left in the resized image, target size."""
+    base, n, adm_dim = ensemble.models[0], ensemble.num_models, ensemble.layout.adm_dim
+
+    def make(pooled, item):
+        (w, h), (_, _, left, top), (tw, th) = item["size"], item["crop_box"], item["target"]
+        y = base.encode_adm(pooled_output=pooled[None].float(), width=w, height=h, crop_w=left, crop_h=top,
+                            target_width=tw, target_height=th, device=torch.device("cpu"), prompt_type="positive")
+        if y is None:
+            raise TrainingError(f"{type(base).__name__} builds no label input y from a pooled text output; "
+                                "AFA training supports SD1.x/SD2.x and SDXL-family models.")
+        try:
+            return [t[0].float() for t in split_adm(y, n, adm_dim)]
+        except AFAError as e:
+            raise TrainingError(f"{e} The pooled text output has width {pooled.shape[-1]}: use the CLIP of the "
+                                "same AFA Ensemble Loader (one pooled output per model).") from e
+    return make
+
+
+def _encode_texts(clip, pooled: bool):
     def encode(captions):
         out = []
         for caption in captions:
-            cond = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)["cond"]
+            enc = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)
+            cond = enc["cond"]
             if cond.shape[1] > TOKENS:
                 logger.warning("caption longer than one CLIP chunk is cut to %d tokens: %r", TOKENS, caption[:60])
-            out.append(cond[0].float().cpu())
+            item = {"cond": cond[0].float().cpu()}
+            if pooled:
+                if enc.get("pooled_output") is None:
+                    raise TrainingError("the CLIP gives no pooled output, which models with a label input y (SDXL "
+                                        "family) need: use the CLIP of the AFA Ensemble Loader (or AFA CLIP Merge).")
+                item["pooled"] = enc["pooled_output"][0].float().cpu()
+            out.append(item)
         return out
     return encode
 
 
+def data_seed(out_path, seed: int, resume: bool) -> int:
+    """On resume the file's seed wins (as in core.train), so the split and the crops match the run."""
+    if not (resume and out_path is not None and Path(out_path).exists()):
+        return seed
+    try:
+        return int(load_aggregator(out_path).training.get("config", {}).get("seed", seed))
+    except AFAError:  # unreadable: the trainer reports it
+        return seed
+
+
+def _data_meta(dataset: ImageDataset, folder: Path, train_idx, val_idx, variants: int, buckets: bool,
+               adm: bool) -> dict:
+    """The data settings recorded in the aggregator file (and compared on resume)."""
+    meta = {"dataset": folder.name, "images": len(dataset.entries), "train_images": len(train_idx),
+            "val_images": len(val_idx), "resolution": dataset.resolution, "crop": dataset.crop,
+            "crop_variants": variants, "val_crop": "center", "buckets": bool(buckets)}
+    if meta["buckets"]:
+        sizes = [f"{e.target[0]}x{e.target[1]}" for e in dataset.entries]
+        meta["bucket_images"] = {size: sizes.count(size) for size in sorted(set(sizes))}
+    if adm:
+        meta["label_input"] = "pooled text + original size, crop top-left, target size (SDXL)"
+    return meta
+
+
 def encode_dataset(model, clip, vae, folder, resolution, val_fraction, seed, cache_dir=None,
-                   comm: Optional[Comm] = None, status: Optional[Callable[[str], None]] = None):
+                   comm: Optional[Comm] = None, status: Optional[Callable[[str], None]] = None,
+                   crop: str = "center", crop_variants: int = 4, buckets: bool = False):
     """Folder -> (TrainData, data metadata). Rank 0 fills the caches first, other ranks reuse them."""
     ensemble = require_ensemble(model, "AFA Train Aggregator")
+    if crop_variants < 1:
+        raise DatasetError(f"crop_variants must be at least 1 (random crops cached per image), got {crop_variants}.")
     comm = comm or Comm.current()
     folder = Path(folder)
     cache_dir = Path(cache_dir) if cache_dir else folder / CACHE_DIR
-    dataset = ImageDataset(folder, resolution=resolution, crop="center", seed=seed)
+    dataset = ImageDataset(folder, resolution=resolution, crop=crop, seed=seed, bucketing=buckets)
+    if buckets and len(dataset.buckets) == 1:
+        logger.warning("resolution %d has a single aspect-ratio bucket %s (sides are multiples of 64, at most 2:1): "
+                       "every image is cropped square; use 192 or more for real buckets", resolution, dataset.buckets[0])
+    train_idx, val_idx = split_indices(len(dataset.entries), val_fraction, seed)
+    variants = crop_variants if crop == "random" else 1
+    adm = bool(ensemble.layout.adm_dim)
     others = getattr(clip, "others", [])
     vae_key = f"vae-{_fingerprint(vae.first_stage_model)}"
     clips = [clip] + others
@@ -156,14 +234,24 @@ def encode_dataset(model, clip, vae, folder, resolution, val_fraction, seed, cac
     settings = "|".join(f"{c.layer_idx}:{getattr(c.patcher, 'patches_uuid', '') if c.patcher.patches else ''}"
                         for c in clips)
     clip_key = f"clip-{len(clips)}-{_fingerprint(*[c.cond_stage_model for c in clips], extra=settings)}"
+    clip_key += "-pooled" if adm else ""
     say = status or (lambda text: None)
 
+    def encode(images):
+        return vae.encode(images)
+
     def build():
-        say(f"encoding {len(dataset.entries)} image(s) with the VAE")
-        latents = build_latent_cache(dataset, lambda images: vae.encode(images), vae_key, cache_dir)
+        say(f"encoding {len(dataset.entries)} image(s) with the VAE"
+            + (f" ({variants} random crops per training image)" if crop == "random" else ""))
+        if crop == "center":
+            train_lat = val_lat = build_latent_cache(dataset, encode, vae_key, cache_dir)
+        else:
+            train_lat = build_latent_cache(dataset, encode, vae_key, cache_dir, crop_variants=variants,
+                                           indices=train_idx)
+            val_lat = build_latent_cache(dataset.with_crop("center"), encode, vae_key, cache_dir, indices=val_idx)
         say(f"encoding {len(set(dataset.captions))} caption(s) with {len(others) + 1} text encoder(s)")
-        texts = build_text_cache(dataset.captions, _encode_texts(clip), clip_key, cache_dir)
-        return latents, texts
+        texts = build_text_cache(dataset.captions, _encode_texts(clip, adm), clip_key, cache_dir)
+        return train_lat, val_lat, texts
     if comm.world_size > 1:  # one rank encodes, the others then find everything cached
         if comm.rank == 0:
             built = build()
@@ -172,16 +260,21 @@ def encode_dataset(model, clip, vae, folder, resolution, val_fraction, seed, cac
             built = build()
     else:
         built = build()
-    latents, texts = built
-    train_idx, val_idx = split_indices(len(dataset.entries), val_fraction, seed)
+    train_lat, val_lat, texts = built
     n, width = ensemble.num_models, ensemble.layout.context_dim
     process_in = ensemble.models[0].process_latent_in
-    train = _Samples(CachedLatentDataset(latents, {"clip": texts}, train_idx, repeats=True, seed=seed), process_in, n, width)
-    val = _Samples(CachedLatentDataset(latents, {"clip": texts}, val_idx, repeats=False, seed=seed), process_in, n, width)
-    empty = split_per_model(texts.get("")["cond"][:TOKENS].float(), n, width, "the empty caption's encoding")
-    meta = {"dataset": folder.name, "images": len(dataset.entries), "train_images": len(train_idx),
-            "val_images": len(val_idx), "resolution": resolution, "crop": "center"}
-    return TrainData(train=train, val=val, empty_contexts=empty), meta
+    empty_text = texts.get("")
+    make_ys = adm_maker(ensemble) if adm else None
+    extra = dict(make_ys=make_ys, empty_pooled=empty_text.get("pooled"))
+    train_set = CachedLatentDataset(train_lat, {"clip": texts}, train_idx, repeats=True, seed=seed)
+    val_set = CachedLatentDataset(val_lat, {"clip": texts}, val_idx, repeats=False, seed=seed)
+    train = _Samples(train_set, process_in, n, width, **extra)
+    val = _Samples(val_set, process_in, n, width, **extra)
+    empty = split_per_model(empty_text["cond"][:TOKENS].float(), n, width, "the empty caption's encoding")
+    meta = _data_meta(dataset, folder, train_idx, val_idx, variants, buckets, adm)
+    data = TrainData(train=train, val=val, empty_contexts=empty,
+                     train_buckets=train_set.buckets, val_buckets=val_set.buckets)
+    return data, meta
 
 
 def load_experts(model):
@@ -205,18 +298,18 @@ def load_experts(model):
 
 def train_from_comfy(model, clip, vae, dataset_folder, out_path, config: TrainConfig, resolution=512,
                      val_fraction=0.1, resume=False, should_stop=None, progress=None, status=None,
-                     comm: Optional[Comm] = None, cache_dir=None) -> TrainResult:
-    """Train (or resume) the aggregator of the AFA MODEL `model` on a folder of captioned images."""
+                     comm: Optional[Comm] = None, cache_dir=None, crop="center", crop_variants=4,
+                     buckets=False) -> TrainResult:
+    """Train (or resume) the aggregator of the AFA MODEL `model` on a folder of captioned images.
+    crop: "center" | "random" (`crop_variants` cached crops per image); buckets: aspect-ratio buckets."""
     ensemble = require_ensemble(model, "AFA Train Aggregator")
-    if ensemble.layout.adm_dim:
-        raise TrainingError("training aggregators for SDXL-family models (label input y) is not supported yet; "
-                            "use SD1.x/SD2.x ensembles, or the training-free modes for SDXL.")
     if clip is None or vae is None:
         raise TrainingError("AFA training needs the CLIP and the VAE of the models (from AFA Ensemble Loader).")
     schedule = noise_schedule(model)
     with torch.inference_mode(False), torch.enable_grad():
-        data, data_meta = encode_dataset(model, clip, vae, dataset_folder, resolution, val_fraction, config.seed,
-                                         cache_dir, comm, status)
+        data, data_meta = encode_dataset(model, clip, vae, dataset_folder, resolution, val_fraction,
+                                         data_seed(out_path, config.seed, resume), cache_dir, comm, status,
+                                         crop=crop, crop_variants=crop_variants, buckets=buckets)
         if status:
             status(f"loading {ensemble.num_models} models for training")
         experts = load_experts(model)

@@ -228,12 +228,10 @@ def test_bucketing_shapes_and_batches(tmp_path):
     cache = build_latent_cache(d, enc, "vae", tmp_path / ".cache", batch_size=8)
     assert enc.calls == 3  # one batch per bucket
     cl = CachedLatentDataset(cache)
-    batches = cl.batches(2, shuffle=True)
-    assert sorted(k for b in batches for k in b) == list(range(len(cl)))
-    for b in batches:
-        assert len({tuple(cl[k]["latent"].shape) for k in b}) == 1
-    loader = torch.utils.data.DataLoader(cl, batch_sampler=batches)
-    assert sum(batch["latent"].shape[0] for batch in loader) == 7
+    assert sorted(set(cl.buckets)) == [(192, 320), (256, 256), (320, 192)]
+    for k in range(len(cl)):
+        w, h = cl.buckets[k]
+        assert cl[k]["latent"].shape == (3, h // 8, w // 8) and cl[k]["target"] == (w, h)
 
 
 def test_latent_cache_hit_second_run(tmp_path):
@@ -376,3 +374,44 @@ def test_to_model_pixels():
     y = to_model_pixels(x)
     assert y.shape == (2, 3, 8, 6) and y.min() >= -1 and y.max() <= 1
     assert torch.allclose(y[1, 2, 3, 4], x[1, 3, 4, 2] * 2 - 1)
+
+
+def test_random_crop_variants_for_train_center_crop_for_val(tmp_path):
+    for k in range(3):
+        gradient(tmp_path / f"w{k}.png", 96 + 8 * k, 32)
+    d = ImageDataset(tmp_path, resolution=32, crop="random", seed=5)
+    enc = Encoder()
+    train = build_latent_cache(d, enc, "vae", tmp_path / ".c", crop_variants=4, indices=[0, 2])
+    assert [len(row) for row in train.files] == [4, 0, 4] and train.boxes[1] == []
+    assert len({b[2] for b in train.boxes[0]}) > 1  # the variants are different crops
+    val_view = d.with_crop("center")
+    assert d.crop == "random" and val_view.entries is d.entries
+    val = build_latent_cache(val_view, enc, "vae", tmp_path / ".c", indices=[1])
+    assert [len(row) for row in val.files] == [0, 1, 0] and val.boxes[1] == [ImageDataset(
+        tmp_path, resolution=32).crop_box(1)]
+    assert enc.images == len({(i, b) for i in (0, 2) for b in train.boxes[i]}) + 1  # equal crops share one entry
+    tr = CachedLatentDataset(train, indices=[0, 2], seed=5)
+    item = tr.at(1, epoch=3)
+    assert item["size"] == (112, 32) and item["target"] == (32, 32) and item["crop_box"] in train.boxes[2]
+    # the pick is a pure function of (seed, epoch, sample): no state, the same in a resumed run
+    again = CachedLatentDataset(train, indices=[0, 2], seed=5)
+    assert all(torch.equal(tr.at(k, e)["latent"], again.at(k, e)["latent"]) for k in range(2) for e in range(6))
+    assert len({tr.at(0, e)["crop_box"] for e in range(12)}) > 1
+    tr.set_epoch(3)
+    assert torch.equal(tr[1]["latent"], item["latent"])
+    with pytest.raises(DatasetError, match="no entries for image"):
+        CachedLatentDataset(train, indices=[1])
+    with pytest.raises(DatasetError, match="crop must be"):
+        d.with_crop("left")
+
+
+def test_wide_and_tall_images_go_to_different_buckets(tmp_path):
+    img(tmp_path / "wide.png", size=(400, 200))
+    img(tmp_path / "tall.png", size=(200, 400))
+    d = ImageDataset(tmp_path, resolution=256, bucketing=True)
+    (wide, tall) = [e.target for e in sorted(d.entries, key=lambda e: e.path.name, reverse=True)]
+    assert wide[0] > wide[1] and tall[1] > tall[0] and wide == tall[::-1]
+    assert all(s % 64 == 0 for s in wide) and 0.85 * 256 ** 2 <= wide[0] * wide[1] <= 256 ** 2
+    cl = CachedLatentDataset(build_latent_cache(d, Encoder(), "vae", tmp_path / ".c"))
+    assert len(set(cl.buckets)) == 2 and {tuple(cl[k]["latent"].shape) for k in range(2)} == {
+        (3, wide[1] // 8, wide[0] // 8), (3, tall[1] // 8, tall[0] // 8)}

@@ -24,12 +24,15 @@ TRAIN_ARGS = dict(steps=3, batch_size=2, learning_rate=1e-3, resolution=64, seed
 
 
 
-def make_dataset(folder: Path, n=6, size=64):
+def make_dataset(folder: Path, n=6, size=64, aspect=False):
+    """n noisy red/blue images; `aspect`: pairs of wide (5:2) and tall (2:5) images instead of squares."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for k in range(n):
         base = np.array([255, 40, 40] if k % 2 else [40, 40, 255], dtype=np.float32)
-        pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        long = 5 * size // 2
+        shape = ((size, long) if (k // 2) % 2 == 0 else (long, size)) if aspect else (size, size)
+        pixels = np.clip(base + rng.normal(0, 40, shape + (3,)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"img_{k}.png")
         (folder / f"img_{k}.txt").write_text("a red picture" if k % 2 else "a blue picture")
     return folder
@@ -48,10 +51,10 @@ def load_ensemble(env, indices, mode="block-wise average", aggregator="none"):
         return env["nodes"]["AFAEnsembleLoader"]().load(aggregator, mode, "", 1, **ckpts)
 
 
-def train_node(env, model, clip, vae, save_name, **kw):
+def train_node(env, model, clip, vae, save_name, dataset="afa_train_ds", **kw):
     args = dict(TRAIN_ARGS, **kw)
     with torch.inference_mode():  # as ComfyUI's executor runs every node
-        return env["nodes"]["AFATrainAggregator"]().train(model, clip, vae, "afa_train_ds", save_name=save_name, **args)
+        return env["nodes"]["AFATrainAggregator"]().train(model, clip, vae, dataset, save_name=save_name, **args)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,131 @@ def test_resuming_with_other_models_is_refused_naming_them(env, trained):
     with pytest.raises(TrainingError, match=rf"{env['ckpts'][1].name}.*models now are.*{env['ckpts'][2].name}"):
         train_node(env, model, clip, vae, "afa_test_node", steps=5, resume=True)
     assert trained["path"].read_bytes() == before
+
+
+# ------------------------------------------------------------------ random crops, buckets, SDXL
+BUCKET_ARGS = dict(resolution=96, crop="random", crop_variants=2, buckets=True, save_every=0)  # buckets 128x64, 64x128
+
+
+@pytest.fixture(scope="module")
+def bucket_runs(env):
+    """The node with random crops and buckets on wide (160x64) and tall (64x160) images:
+    2 steps straight, and 1 step then resumed to 2."""
+    make_dataset(env["dataset"].parent / "afa_bucket_ds", n=6, size=64, aspect=True)
+    model, clip, vae = load_ensemble(env, [0, 1])
+    runs = {}
+    for name, steps in (("afa_test_buckets", [2]), ("afa_test_buckets_resumed", [1, 2])):
+        for k, n in enumerate(steps):
+            runs[name] = train_node(env, model, clip, vae, name, "afa_bucket_ds", steps=n, resume=k > 0, **BUCKET_ARGS)
+    from afa_nodes.nodes_train import aggregator_save_path
+    return dict(model=model, clip=clip, vae=vae, folder=env["dataset"].parent / "afa_bucket_ds",
+                paths={name: aggregator_save_path(name) for name in runs}, reports={k: v[2] for k, v in runs.items()})
+
+
+def test_node_with_random_crop_and_buckets_records_them_and_resumes_exactly(bucket_runs):
+    straight, resumed = (load_aggregator(bucket_runs["paths"][n]) for n in ("afa_test_buckets", "afa_test_buckets_resumed"))
+    data = straight.training["data"]
+    assert straight.training["step"] == 2 and straight.training["finished"]
+    assert (data["crop"], data["crop_variants"], data["val_crop"], data["buckets"]) == ("random", 2, "center", True)
+    assert data["bucket_images"] == {"128x64": 4, "64x128": 2} and data["resolution"] == 96
+    assert "Validation at step 2" in bucket_runs["reports"]["afa_test_buckets"]
+    assert resumed.training["step"] == 2
+    for k, v in straight.state_dict.items():
+        assert torch.equal(resumed.state_dict[k], v), k
+    side = [torch.load(state_path(bucket_runs["paths"][n]), weights_only=True) for n in bucket_runs["paths"]]
+    assert side[0]["position"] == side[1]["position"] == 4
+    for a, b in zip(side[0]["optimizer"]["state"].values(), side[1]["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_encoded_buckets_give_one_shape_per_batch_random_train_crops_and_center_validation(bucket_runs):
+    from afa_nodes.core.dataset import ImageDataset
+    from afa_nodes.core.train_data import DataOrder, make_batch
+    from afa_nodes.training_host import encode_dataset
+    r = bucket_runs
+    with torch.inference_mode(False):
+        data, meta = encode_dataset(r["model"], r["clip"], r["vae"], r["folder"], 96, 0.34, 0,
+                                    crop="random", crop_variants=3, buckets=True)
+    order = DataOrder(len(data.train), 2, 0, data.train_buckets)
+    assert order.bucketed
+    shapes = {tuple(make_batch(data, order, [p, p + 1], False, seed=0, timesteps=1000, caption_dropout=0.1,
+                               num_models=2, device="cpu").latents.shape[1:])
+              for p in range(0, 3 * order.epoch_length, 2)}
+    assert shapes == {(4, 8, 16), (4, 16, 8)}
+    train_set, val_set = data.train.dataset, data.val.dataset
+    boxes = [train_set.latents.boxes[i] for i in sorted(set(train_set.samples))]
+    assert all(len(row) == 3 for row in boxes) and any(len(set(row)) > 1 for row in boxes)
+    center = ImageDataset(r["folder"], resolution=96, bucketing=True)
+    for k, i in enumerate(val_set.samples):
+        assert val_set.at(k, 5)["crop_box"] == center.crop_box(i)
+    assert meta["crop_variants"] == 3
+
+
+class FakeSDXLClip:
+    """Stands in for the AFA loader's CLIP over N SDXL-family models (the synthetic SDXL
+    checkpoints carry no text encoders, and a real clip_g has ~700M parameters): per-model
+    stacks cond [1, 77, N*2048] and pooled_output [1, N*1280], a fixed function of the caption."""
+    layer_idx = None
+
+    def __init__(self, n):
+        self.n, self.others = n, []
+        self.cond_stage_model = torch.nn.Linear(2, 2)  # fingerprinted for the text cache key
+        self.patcher = type("Patcher", (), {"patches": {}})()
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens)) + 1)
+        return {"cond": torch.randn(1, 77, self.n * 2048, generator=g) * 0.1,
+                "pooled_output": torch.randn(1, self.n * 1280, generator=g) * 0.1}
+
+
+@pytest.fixture(scope="module")
+def sdxl_env(env, sdxl_checkpoints):
+    import comfy.sd as comfy_sd
+    from afa_nodes.ensemble_model import build_ensemble
+    patchers = [comfy_sd.load_checkpoint_guess_config(str(p))[0] for p in sdxl_checkpoints[:2]]
+    names = [p.name for p in sdxl_checkpoints[:2]]
+    model = build_ensemble(patchers, names, mode="block-wise average", sources=[str(p) for p in sdxl_checkpoints[:2]])
+    vae = comfy_sd.load_checkpoint_guess_config(str(env["ckpts"][0]))[2]  # a 4-channel VAE (SDXL ones have none)
+    return dict(model=model, patchers=patchers, vae=vae, clip=FakeSDXLClip(2), names=names)
+
+
+def test_sdxl_y_per_model_equals_each_models_own_encode_adm(sdxl_env):
+    from afa_nodes.ensemble_model import require_ensemble
+    from afa_nodes.training_host import adm_maker
+    ensemble = require_ensemble(sdxl_env["model"])
+    pooled = torch.randn(2 * 1280)
+    item = {"size": (300, 200), "crop_box": (96, 64, 16, 0), "target": (64, 64)}
+    ys = adm_maker(ensemble)(pooled, item)
+    assert len(ys) == 2 and all(y.shape == (2816,) for y in ys)
+    for i, y in enumerate(ys):
+        own = ensemble.models[i].encode_adm(pooled_output=pooled[None, i * 1280:(i + 1) * 1280], width=300, height=200,
+                                            crop_w=16, crop_h=0, target_width=64, target_height=64)
+        assert torch.equal(y, own[0].float())
+    moved = adm_maker(ensemble)(pooled, dict(item, crop_box=(96, 64, 0, 0)))
+    assert torch.equal(moved[0][:1280], ys[0][:1280]) and not torch.equal(moved[0], ys[0])  # crop conditioning
+    with pytest.raises(TrainingError, match="pooled text output has width 1000"):
+        adm_maker(ensemble)(torch.randn(1000), item)
+
+
+def test_sdxl_family_ensemble_trains(env, sdxl_env, tmp_path):
+    from afa_nodes.core.train import TrainConfig
+    from afa_nodes.ensemble_model import build_ensemble
+    from afa_nodes.training_host import train_from_comfy
+    folder = make_dataset(tmp_path / "xl_ds", n=4, size=64)
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-3, save_every=0, hidden=32, heads=4, depth=1,
+                         gradient_checkpointing=False)
+    with torch.inference_mode():
+        result = train_from_comfy(sdxl_env["model"], sdxl_env["clip"], sdxl_env["vae"], folder,
+                                  tmp_path / "xl.safetensors", config, resolution=64, val_fraction=0.25)
+    meta = result.metadata
+    assert result.step == 2 and meta["finished"] and "SDXL" in meta["data"]["label_input"]
+    assert all(r["loss"] > 0 for r in result.validation["rows"]) and len(result.validation["rows"]) == 4
+    agg = load_aggregator(tmp_path / "xl.safetensors")
+    assert agg.layout["adm_dim"] == 2816 and len(agg.layout["points"]) == 19
+    build_ensemble(sdxl_env["patchers"], sdxl_env["names"], mode="aggregator", aggregator_file=agg)  # fits
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +320,10 @@ def cli(args, tmp, *, nproc=1, timeout=300):
 
 
 def cli_args(env, out, data):
-    args = ["--data", data, "--out", out, "--steps", 3, "--batch-size", 4, "--resolution", 64, "--lr", 1e-3,
-            "--warmup", 0, "--save-every", 2, "--val-fraction", 0.34, "--seed", 1, "--no-grad-checkpointing"]
+    """Random crops and aspect-ratio buckets (128x64 and 64x128 at resolution 96) on the wide/tall dataset."""
+    args = ["--data", data, "--out", out, "--steps", 3, "--batch-size", 4, "--resolution", 96, "--lr", 1e-3,
+            "--warmup", 0, "--save-every", 2, "--val-fraction", 0.34, "--seed", 1, "--no-grad-checkpointing",
+            "--crop", "random", "--crop-variants", 2, "--buckets"]
     for p in env["ckpts"][:2]:
         args += ["--checkpoint", p]
     return args
@@ -202,7 +332,7 @@ def cli_args(env, out, data):
 @pytest.fixture(scope="module")
 def cli_single(env, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    data = make_dataset(tmp / "data")
+    data = make_dataset(tmp / "data", aspect=True)
     done = cli(cli_args(env, tmp / "single.safetensors", data), tmp)
     return dict(tmp=tmp, data=data, out=tmp / "single.safetensors", log=done.stdout + done.stderr)
 
@@ -211,9 +341,25 @@ def test_cli_trains_end_to_end(env, cli_single):
     out = cli_single["out"]
     meta = load_aggregator(out).training
     assert meta["step"] == 3 and meta["finished"] and meta["config"]["world_size"] == 1
+    assert (meta["data"]["crop"], meta["data"]["crop_variants"], meta["data"]["buckets"]) == ("random", 2, True)
+    assert meta["data"]["bucket_images"] == {"128x64": 4, "64x128": 2}
     assert [e["sha256"] for e in load_aggregator(out).experts] == [file_sha256(p) for p in env["ckpts"][:2]]
     assert "Validation at step 3" in cli_single["log"] and "block-wise average (untrained)" in cli_single["log"]
     assert (cli_single["data"] / ".afa_cache" / "latents").is_dir()
+
+
+def test_cli_parses_crop_and_bucket_flags():
+    import argparse
+    from afa_nodes.cli_train import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--checkpoint", "a", "--checkpoint", "b", "--data", "d", "--out", "o"]
+    args = parser.parse_args(base)
+    assert (args.crop, args.crop_variants, args.buckets) == ("center", 4, False)
+    args = parser.parse_args(base + ["--crop", "random", "--crop-variants", "3", "--buckets"])
+    assert (args.crop, args.crop_variants, args.buckets) == ("random", 3, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--crop", "left"])
 
 
 def test_cli_two_process_gloo_run_matches_one_process(env, cli_single):

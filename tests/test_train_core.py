@@ -166,7 +166,7 @@ def test_caption_dropout_is_per_sample():
     trainer = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(caption_dropout=0.5, batch_size=16))
     batch = trainer.make_batch(list(range(16)))
     assert 0 < int(batch.dropped.sum()) < 16  # mixed inside one batch, not all-or-nothing
-    order = trainer._order(0)
+    order = trainer.order.epoch(0)
     for row, dropped in enumerate(batch.dropped.tolist()):
         want = torch.zeros(3, CTX) if dropped else data.train[order[row]]["contexts"][0]
         for ctx in batch.contexts:
@@ -230,3 +230,108 @@ def test_bad_settings_raise_typed_errors():
         TrainConfig(caption_dropout=1.0)
     with pytest.raises(TrainingError, match="empty"):
         AggregatorTrainer(experts(), LAYOUT, TrainData(train=[]), SCHEDULE, config())
+
+
+# ------------------------------------------------------------------ crops and aspect-ratio buckets
+from afa_nodes.core.train_data import DataOrder, validation_batches  # noqa: E402
+
+WIDE, TALL = (4, 4, 8), (4, 8, 4)
+
+
+class CroppedSamples(list):
+    """Train samples with 3 cached 'crops' each; at(k, epoch) picks one from (epoch, k) and records it."""
+
+    def __init__(self, samples):
+        super().__init__(samples)
+        self.seen = []
+
+    def at(self, k, epoch):
+        v = (7 * epoch + k) % 3
+        self.seen.append((k, epoch, v))
+        s = self[k]
+        return dict(s, latent=s["latent"] + 0.05 * v)
+
+
+def bucket_data(n_wide=9, n_tall=5, n_val=5):
+    """A wide and a tall bucket (latent shapes WIDE and TALL) of the two kinds of KindExpert data."""
+    g = torch.Generator().manual_seed(3)
+    captions = {+1: torch.randn(3, CTX, generator=g), -1: torch.randn(3, CTX, generator=g)}
+
+    def sample(k, shape):
+        kind = 1 if k % 2 == 0 else -1
+        return {"latent": kind * M + 0.1 * torch.randn(shape, generator=g), "contexts": [captions[kind]] * 2}
+    shapes = [WIDE] * n_wide + [TALL] * n_tall
+    train = CroppedSamples([sample(k, s) for k, s in enumerate(shapes)])
+    val_shapes = [WIDE, TALL] * n_val
+    val = [sample(k, s) for k, s in enumerate(val_shapes[:n_val])]
+    return TrainData(train=train, val=val, empty_contexts=[torch.zeros(3, CTX)] * 2,
+                     train_buckets=[s[1:] for s in shapes], val_buckets=[s[1:] for s in val_shapes[:n_val]])
+
+
+def test_bucketed_order_keeps_every_batch_in_one_bucket_and_sees_every_sample():
+    keys = ["wide"] * 9 + ["tall"] * 5 + ["tiny"]  # "tiny" is smaller than one batch
+    order = DataOrder(len(keys), batch_size=4, seed=0, buckets=keys)
+    assert order.bucketed and order.epoch_length == 12 + 8 + 4
+    for e in range(3):
+        epoch = order.epoch(e)
+        assert set(epoch) == set(range(15))
+        for s in range(0, len(epoch), 4):
+            assert len({keys[k] for k in epoch[s:s + 4]}) == 1
+    assert order.epoch(0) != order.epoch(1)
+    assert DataOrder(15, 4, 0, keys).epoch(1) == order.epoch(1)  # a pure function of (seed, epoch)
+    assert DataOrder(15, 4, 1, keys).epoch(1) != order.epoch(1)
+    # one bucket = the plain permutation (batches may span epochs)
+    plain = DataOrder(15, 4, 0, ["one"] * 15)
+    assert not plain.bucketed and plain.epoch_length == 15 and plain.epoch(0) == DataOrder(15, 4, 0).epoch(0)
+    # validation: per bucket, a strided share per rank, each batch inside one bucket
+    vkeys = ["a", "b", "a", "a", "b"]
+    ranks = [validation_batches(5, 2, r, 2, vkeys) for r in range(2)]
+    assert sorted(k for batches in ranks for b in batches for k in b) == list(range(5))
+    assert all(len({vkeys[k] for k in b}) == 1 for batches in ranks for b in batches)
+
+
+def test_bucketed_training_batches_have_one_shape_and_resume_exactly(tmp_path):
+    data = bucket_data()
+    trainer = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(batch_size=4, grad_accum=2))
+    shapes = [tuple(trainer.make_batch(list(range(p, p + 4))).latents.shape[1:])
+              for p in range(0, 3 * trainer.order.epoch_length, 4)]
+    assert set(shapes) == {WIDE, TALL}
+    epochs = {}
+    for k, e, v in data.train.seen:
+        epochs.setdefault(k, set()).add(v)
+    assert all(len(v) > 1 for v in epochs.values())  # the crop changes with the epoch
+    kw = dict(data=data, batch_size=4, grad_accum=2, save_every=3)
+    run(tmp_path, "straight.safetensors", steps=7, **kw)
+    first = run(tmp_path, "resumed.safetensors", steps=3, **kw)
+    assert first.step == 3
+    again = run(tmp_path, "resumed.safetensors", steps=7, resume=True, **kw)
+    assert again.step == 7 and again.validation["samples"] == 5
+    _assert_same_run(tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors")
+    # a batch size that would cut a bucket's batch apart is refused, with the fix
+    with pytest.raises(TrainingError, match="batch size 3.*saved with batch size 4"):
+        run(tmp_path, "resumed.safetensors", steps=9, resume=True, data=data, batch_size=3, grad_accum=1)
+
+
+def test_bucketed_data_parallel_shards_add_up_to_the_single_process_gradient():
+    data = bucket_data()
+    single = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(batch_size=4, grad_accum=2))
+    ranks = [AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(batch_size=4, grad_accum=2),
+                               comm=ShardComm(r, 2)) for r in range(2)]
+    for trainer in [single] + ranks:
+        torch.nn.init.normal_(trainer.aggregator.blocks[2].conv_out.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+        trainer.position = 8  # a later step: micro-batches from both buckets
+    loss, g_single = _grads(single)
+    parts = [_grads(t) for t in ranks]
+    assert parts[0][0] + parts[1][0] == pytest.approx(loss, rel=1e-6)
+    for i, g in enumerate(g_single):
+        torch.testing.assert_close(parts[0][1][i] + parts[1][1][i], g, rtol=1e-5, atol=1e-7)
+    # validation over both buckets: the ranks' shares (ShardComm does not sum) add up too
+    assert sum(t.validation_loss() for t in ranks) == pytest.approx(single.validation_loss(), rel=1e-6)
+
+
+def test_mixed_shapes_without_bucket_keys_raise_a_typed_error():
+    data = bucket_data()
+    data.train_buckets = None
+    trainer = AggregatorTrainer(experts(), LAYOUT, data, SCHEDULE, config(batch_size=14))
+    with pytest.raises(TrainingError, match="latents of different shapes.*bucket keys"):
+        trainer.make_batch(list(range(14)))

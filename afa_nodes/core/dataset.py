@@ -17,11 +17,14 @@ are stored as safetensors under ``cache_dir``, written atomically, keyed by sha2
 and an edited image re-encodes only itself. Random crop vs. cache: one fixed crop would
 defeat random cropping and per-step encoding would need the VAE in the loop, so we cache
 ``crop_variants`` seeded random crops per image (center mode always caches 1) and
-`CachedLatentDataset` picks one per sample and epoch. The cache stores exactly what
-``encode_images`` returns (e.g. raw VAE latents, before ``process_latent_in``).
+`CachedLatentDataset` picks one per sample and epoch (`at(k, epoch)`, seeded: a resumed run
+sees the same crops). Validation should use a center-crop view (`ImageDataset.with_crop`).
+The cache stores exactly what ``encode_images`` returns (e.g. raw VAE latents, before
+``process_latent_in``).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -221,6 +224,14 @@ class ImageDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}|{self.name(i)}|{variant}")
         return rw, rh, rng.randint(0, rw - tw), rng.randint(0, rh - th)
 
+    def with_crop(self, crop: str) -> "ImageDataset":
+        """The same scanned images with another crop mode (no rescan), e.g. center for validation."""
+        if crop not in ("center", "random"):
+            raise DatasetError(f"crop must be 'center' or 'random', got {crop!r}.")
+        view = copy.copy(self)
+        view.crop = crop
+        return view
+
     def image(self, i: int, variant: int = 0) -> torch.Tensor:
         """Image i -> [H,W,3] float32 0..1."""
         (tw, th), (rw, rh, left, top) = self.entries[i].target, self.crop_box(i, variant)
@@ -271,12 +282,14 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 @dataclass
 class LatentCache:
-    files: list[list[Path]]        # [image][variant] -> safetensors with "latent" [C,h,w]
+    files: list[list[Path]]        # [image][variant] -> safetensors with "latent" [C,h,w]; [] = not built
     captions: list[str]            # per image
     repeats: list[int]             # per image
     targets: list[tuple[int, int]]  # per image pixel (w, h); equal targets -> equal latent shapes
     hits: int = 0
     misses: int = 0
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # per image original (w, h), post-EXIF
+    boxes: list[list[tuple[int, int, int, int]]] = field(default_factory=list)  # [image][variant] crop_box
 
     def latent(self, i: int, variant: int = 0) -> torch.Tensor:
         return _load(self.files[i][variant])["latent"]
@@ -284,16 +297,19 @@ class LatentCache:
 
 def build_latent_cache(dataset: ImageDataset, encode_images: Callable[[torch.Tensor], torch.Tensor],
                        encoder_key: str, cache_dir, batch_size: int = 4, crop_variants: int = 1,
-                       progress: Progress | None = None) -> LatentCache:
+                       progress: Progress | None = None, indices: Sequence[int] | None = None) -> LatentCache:
     """Encode missing (image, crop) pairs: encode_images([B,H,W,3] 0..1) -> [B,C,h,w].
-    Batches hold one target size. `progress(done, misses)` is called after each batch."""
+    Batches hold one target size. `progress(done, misses)` is called after each batch.
+    `indices`: only these images (the others get empty rows), e.g. the validation split."""
     variants = 1 if dataset.crop == "center" else max(1, crop_variants)
+    wanted = set(range(len(dataset.entries)) if indices is None else indices)
     root = Path(cache_dir) / "latents"
-    files, todo, pending, hits = [], {}, set(), 0
+    files, boxes, todo, pending, hits = [], [], {}, set(), 0
     for i, e in enumerate(dataset.entries):
-        sha, row = file_sha256(e.path), []
-        for v in range(variants):
-            p = root / f"{_key('latent', sha, dataset.crop_box(i, v), e.target, encoder_key)}.safetensors"
+        row, box_row = [], [dataset.crop_box(i, v) for v in range(variants)] if i in wanted else []
+        sha = file_sha256(e.path) if box_row else ""
+        for v, box in enumerate(box_row):
+            p = root / f"{_key('latent', sha, box, e.target, encoder_key)}.safetensors"
             row.append(p)
             if p.exists() or p in pending:
                 hits += 1
@@ -301,6 +317,7 @@ def build_latent_cache(dataset: ImageDataset, encode_images: Callable[[torch.Ten
                 pending.add(p)
                 todo.setdefault(e.target, []).append((i, v, p))
         files.append(row)
+        boxes.append(box_row)
     misses, done = len(pending), 0
     for jobs in todo.values():
         for s in range(0, len(jobs), batch_size):
@@ -317,7 +334,8 @@ def build_latent_cache(dataset: ImageDataset, encode_images: Callable[[torch.Ten
                 progress(done, misses)
     logger.info("Latent cache '%s': %d hit(s), %d encoded", root, hits, misses)
     return LatentCache(files, dataset.captions, [e.repeats for e in dataset.entries],
-                       [e.target for e in dataset.entries], hits, misses)
+                       [e.target for e in dataset.entries], hits, misses,
+                       [e.size for e in dataset.entries], boxes)
 
 
 @dataclass
@@ -374,14 +392,20 @@ def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int]
 
 class CachedLatentDataset(torch.utils.data.Dataset):
     """Sample -> {"latent": [C,h,w], "caption": str, "caption_index": int (into .captions,
-    "" is 0), "image_index": int, "text": {model: {key: Tensor}}}. `indices` selects images
-    (e.g. from split_indices); repeats expand them. Call set_epoch() to vary random crops."""
+    "" is 0), "image_index": int, "text": {model: {key: Tensor}}, "size": original (w, h),
+    "crop_box": (resized_w, resized_h, left, top), "target": (w, h)}. `indices` selects
+    images (e.g. from split_indices); repeats expand them. With several cached crops per
+    image, `at(k, epoch)` picks one from (seed, epoch, k); indexing uses `set_epoch`'s epoch."""
 
     def __init__(self, latents: LatentCache, text: Mapping[str, TextCache] | None = None,
                  indices: Sequence[int] | None = None, repeats: bool = True, seed: int = 0):
         self.latents, self.text, self.seed, self.epoch = latents, dict(text or {}), seed, 0
         idx = range(len(latents.files)) if indices is None else indices
         self.samples = [i for i in idx for _ in range(latents.repeats[i] if repeats else 1)]
+        unbuilt = sorted({i for i in self.samples if not latents.files[i]})
+        if unbuilt:
+            raise DatasetError(f"Latent cache has no entries for image(s) {unbuilt[:_SHOW]}; build it with "
+                               "these images' indices.")
         self.captions = list(dict.fromkeys([""] + latents.captions))
         self._cap = {c: k for k, c in enumerate(self.captions)}
         for name, tc in self.text.items():
@@ -393,29 +417,25 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """Per sample its target (w, h): samples of one target have one latent shape."""
+        return [self.latents.targets[i] for i in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, k: int) -> dict:
-        i = self.samples[k]
-        nv = len(self.latents.files[i])
-        v = random.Random(f"{self.seed}|{self.epoch}|{k}").randrange(nv) if nv > 1 else 0
-        cap = self.latents.captions[i]
-        return {"latent": self.latents.latent(i, v), "caption": cap, "caption_index": self._cap[cap],
-                "image_index": i, "text": {n: tc.get(cap) for n, tc in self.text.items()}}
+        return self.at(k, self.epoch)
 
-    def batches(self, batch_size: int, shuffle: bool = True, drop_last: bool = False) -> list[list[int]]:
-        """Sample-index batches, each from one bucket; usable as a DataLoader batch_sampler."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for k, i in enumerate(self.samples):
-            groups.setdefault(self.latents.targets[i], []).append(k)
-        rng, out = random.Random(f"{self.seed}|batches|{self.epoch}"), []
-        for key in sorted(groups):
-            g = groups[key]
-            if shuffle:
-                rng.shuffle(g)
-            out += [g[s:s + batch_size] for s in range(0, len(g), batch_size)
-                    if not drop_last or s + batch_size <= len(g)]
-        if shuffle:
-            rng.shuffle(out)
-        return out
+    def variant(self, k: int, epoch: int) -> int:
+        nv = len(self.latents.files[self.samples[k]])
+        return random.Random(f"{self.seed}|{epoch}|{k}").randrange(nv) if nv > 1 else 0
+
+    def at(self, k: int, epoch: int) -> dict:
+        i, v = self.samples[k], self.variant(k, epoch)
+        cap, lat = self.latents.captions[i], self.latents
+        return {"latent": lat.latent(i, v), "caption": cap, "caption_index": self._cap[cap], "image_index": i,
+                "text": {n: tc.get(cap) for n, tc in self.text.items()},
+                "size": lat.sizes[i] if lat.sizes else None, "crop_box": lat.boxes[i][v] if lat.boxes else None,
+                "target": lat.targets[i]}

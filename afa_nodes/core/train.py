@@ -7,19 +7,15 @@ replaces the sample's text for every model). AdamW with linear warm-up (`lr_at`)
 gradient accumulation, clipping, autocast on CUDA, gradient checkpointing of the frozen
 blocks (the executor's `checkpoint_blocks`).
 
-Determinism and resume. Every random draw is a pure function of (seed, what, position):
-the data order of epoch e is a permutation seeded by (seed, e); sample number p of the run
-(p = samples consumed so far) gets its noise, timestep and dropout from a generator seeded
-by (seed, p); validation sample k from (seed, "val", k). So a run gives the same result
-whatever the batch split (accumulation, data-parallel ranks) and a resume needs only the
-step, the sample position and the optimizer state, no RNG snapshot.
+Determinism and resume. Every random draw is a pure function of (seed, what, position)
+(core.train_data: the data order of each epoch, aspect-ratio buckets, the noise, timestep
+and dropout of sample number p of the run, validation sample k). So a run gives the same
+result whatever the batch split (accumulation, data-parallel ranks) and a resume needs
+only the step, the sample position and the optimizer state, no RNG snapshot.
 
-Files. `<out>.safetensors` is a normal aggregator file (core.aggregator_file) whose
-"training" metadata holds the experts, steps, data size, losses and the validation table.
-Resume state lives in the sidecar `<out>.safetensors.train-state` (torch.save of plain
-containers, read with weights_only=True): step, sample position, seed, AdamW state, grad
-scaler, loss history. The sidecar is written first and the aggregator second, both
-atomically; a sidecar whose step differs from the aggregator's is ignored with a warning.
+Files (core.train_state). `<out>.safetensors` is a normal aggregator file whose "training"
+metadata holds the experts, steps, data settings, losses and the validation table; the
+sidecar `<out>.safetensors.train-state` holds the optimizer state for an exact resume.
 
 Data parallel: `Comm` sums tensors over ranks (torch.distributed when initialised). The
 global batch is `batch_size * grad_accum`; each micro-batch is sharded over the ranks and
@@ -28,110 +24,28 @@ the summed gradients equal the single-process ones. Only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
 from .. import logger
-from .aggregator_file import atomic_write, check_fits, load_aggregator, save_aggregator
+from .aggregator_file import save_aggregator
 from .ensemble import EnsembleExecutor, SABWMixer, uniform_mixer
 from .errors import TrainingError
 from .layout import UNetLayout
 from .sabw import Aggregator, SABWConfig
+from .train_config import Comm, NoiseSchedule, TrainConfig, amp_dtype, lr_at
+from .train_data import Batch, DataOrder, TrainData, make_batch, validation_batches
+from .train_state import read_resume_file, read_sidecar, state_path, write_sidecar
 
-STATE_SUFFIX = ".train-state"
-STATE_FORMAT = 1
+__all__ = ["AggregatorTrainer", "Batch", "Comm", "NoiseSchedule", "TrainConfig", "TrainData", "TrainResult",
+           "format_validation", "lr_at", "state_path", "train_aggregator"]
+
 CURVE_POINTS = 200       # loss-curve points kept in the file's metadata
 FINAL_LOSS_WINDOW = 20   # "final train loss" = mean of the last steps' losses
-
-
-@dataclass
-class NoiseSchedule:
-    """The models' discrete schedule: `sigmas[t]` for t in 0..T-1 (x_t = x_0 + sigma*eps).
-    `timestep(sigma)` gives what the UNet is fed (default: t itself); `calculate_input(sigma,
-    x_t)` the UNet input (default EPS scaling x_t / sqrt(sigma^2 + 1))."""
-    sigmas: torch.Tensor
-    timestep: Optional[Callable] = None
-    calculate_input: Optional[Callable] = None
-
-    @classmethod
-    def scaled_linear(cls, steps=1000, beta_start=0.00085, beta_end=0.012):
-        """SD1.x/SDXL's schedule."""
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
-        alphas_cumprod = torch.cumprod(1.0 - betas, 0)
-        return cls(((1 - alphas_cumprod) / alphas_cumprod).sqrt().float())
-
-    def __len__(self):
-        return len(self.sigmas)
-
-    def model_input(self, sigma, x_t):
-        if self.calculate_input is not None:
-            return self.calculate_input(sigma, x_t)
-        return x_t / (sigma.view(-1, *[1] * (x_t.ndim - 1)) ** 2 + 1.0) ** 0.5
-
-    def model_timestep(self, t, sigma):
-        return t.float() if self.timestep is None else self.timestep(sigma)
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000               # total optimizer steps (a resume continues up to this)
-    batch_size: int = 8             # samples per micro-batch (all ranks together)
-    grad_accum: int = 1             # micro-batches per optimizer step
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    max_grad_norm: float = 1.0      # 0 = no clipping
-    caption_dropout: float = 0.1
-    seed: int = 0
-    save_every: int = 500           # 0 = only at the end (and on cancel)
-    val_every: int = 0              # 0 = at every save
-    mixed_precision: str = "auto"   # auto (bf16/fp16 autocast on CUDA, off elsewhere) | no | fp16 | bf16
-    gradient_checkpointing: Optional[bool] = None   # None = on for CUDA, off on CPU
-    hidden: int = 128               # SABW size (ignored on resume: the file's config wins)
-    heads: int = 8
-    depth: int = 2
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise TrainingError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}.")
-        if self.lr <= 0:
-            raise TrainingError(f"learning rate must be positive, got {self.lr}.")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise TrainingError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
-
-    @property
-    def global_batch(self):
-        return self.batch_size * self.grad_accum
-
-
-@dataclass
-class TrainData:
-    """`train`/`val`: sequences of samples {"latent": (C, h, w) model latent (after
-    process_latent_in), "contexts": [N x (tokens, context_dim)], optional "ys": [N x (adm,)]}.
-    `empty_contexts` / `empty_ys`: the empty caption's encoding per model (caption dropout)."""
-    train: Sequence
-    val: Sequence = ()
-    empty_contexts: Optional[Sequence] = None
-    empty_ys: Optional[Sequence] = None
-
-
-@dataclass
-class Batch:
-    positions: list        # run-wide sample numbers (train) or validation indices
-    latents: torch.Tensor  # (batch, C, h, w)
-    noise: torch.Tensor    # (batch, C, h, w), the target
-    t: torch.Tensor        # (batch,) timestep indices
-    dropped: torch.Tensor  # (batch,) bool: caption replaced by the empty one
-    contexts: list         # N x (batch, tokens, dim)
-    ys: Optional[list]     # N x (batch, adm) or None
 
 
 @dataclass
@@ -148,69 +62,6 @@ class TrainResult:
     @property
     def report(self) -> str:
         return format_validation(self.validation, self.metadata)
-
-
-class Comm:
-    """Collective ops of data-parallel training; a single process by default."""
-    rank, world_size = 0, 1
-
-    def all_reduce(self, tensor):
-        """Sum over ranks, in place."""
-        return tensor
-
-    @staticmethod
-    def current() -> "Comm":
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            return TorchComm()
-        return Comm()
-
-
-class TorchComm(Comm):
-    def __init__(self):
-        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-    def all_reduce(self, tensor):
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant."""
-    if config.warmup_steps <= 0:
-        return config.lr
-    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
-
-
-def state_path(out_path) -> Path:
-    return Path(str(out_path) + STATE_SUFFIX)
-
-
-def _seed(*parts) -> int:
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:15], 16)
-
-
-def _amp_dtype(mode, device):
-    if mode == "no" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mode]
-
-
-def _describe_experts(experts):
-    return ", ".join(f"{e.get('name')} (sha256 {str(e.get('sha256') or '?')[:12]})" for e in experts)
-
-
-def check_resume_experts(file_experts, experts, path):
-    """Refuse to resume a file trained on other experts (sha256 when known, else names)."""
-    use_hash = all(e.get("sha256") for e in list(file_experts) + list(experts))
-    key = "sha256" if use_hash else "name"
-    if [e.get(key) for e in file_experts] != [e.get(key) for e in experts]:
-        raise TrainingError(
-            f"cannot resume {Path(path).name}: it was trained on [{_describe_experts(file_experts)}] but the "
-            f"models now are [{_describe_experts(experts)}]. Resume with the same checkpoints in the same "
-            "order, choose another save name, or turn resume off to start over (overwrites the file).")
 
 
 class AggregatorTrainer:
@@ -231,12 +82,12 @@ class AggregatorTrainer:
             raise TrainingError("the training set is empty: add captioned images to the dataset folder.")
         if config.caption_dropout > 0 and data.empty_contexts is None:
             raise TrainingError("caption dropout needs the empty caption's encoding (TrainData.empty_contexts).")
-        self.amp_dtype = _amp_dtype(config.mixed_precision, self.device)
+        self.amp_dtype = amp_dtype(config.mixed_precision, self.device)
         self.checkpointing = (self.device.type == "cuda" if config.gradient_checkpointing is None
                               else bool(config.gradient_checkpointing))
         self.step, self.position, self.seed = 0, 0, config.seed
         self.history, self.val_history, self.validation, self.reference = [], [], None, None
-        self.last_saved = None
+        self.last_saved, self.saved_batch_size = None, None
         resume_file = resume and self.out_path is not None and self.out_path.exists()
         if resume and not resume_file:
             logger.info("resume: %s does not exist yet, starting a new aggregator", self.out_path)
@@ -250,8 +101,9 @@ class AggregatorTrainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.executor = EnsembleExecutor(layout, SABWMixer(self.aggregator), checkpoint_blocks=self.checkpointing)
         if resume_file:
-            self._load_state()
-        self._order_cache = (None, None)
+            self._load_sidecar()
+        self.order = DataOrder(len(data.train), config.batch_size, self.seed, data.train_buckets)
+        self.order.check_resume(self.position, self.saved_batch_size)
 
     # ------------------------------------------------------------------ set-up
     def _fresh_aggregator(self, n):
@@ -263,35 +115,17 @@ class AggregatorTrainer:
         return agg
 
     def _load_for_resume(self):
-        agg_file = load_aggregator(self.out_path)
-        check_resume_experts(agg_file.experts, self.expert_info, self.out_path)
-        check_fits(agg_file, self.layout, [e["name"] for e in self.expert_info])
-        self.step = int(agg_file.training.get("step", 0))
+        point = read_resume_file(self.out_path, self.expert_info, self.layout, self.config.seed,
+                                 self.config.global_batch, self.extra_meta.get("data", {}))
+        self.step, self.position, self.seed, self.history = point.step, point.position, point.seed, point.history
         self.last_saved = self.step  # the file on disk is the last good state until we save
-        self.position = int(agg_file.training.get("samples_seen", self.step * self.config.global_batch))
-        self.seed = int(agg_file.training.get("config", {}).get("seed", self.config.seed))
-        if self.seed != self.config.seed:
-            logger.warning("resume: %s was trained with seed %d; continuing with it (not %d) so the data "
-                           "order and noise continue exactly", self.out_path.name, self.seed, self.config.seed)
-        self.history = [list(h) for h in agg_file.training.get("loss_curve", [])]
+        self.saved_batch_size = point.batch_size
         logger.info("resuming %s at step %d of %d", self.out_path.name, self.step, self.config.steps)
-        return agg_file.build()
+        return point.file.build()
 
-    def _load_state(self):
-        path = state_path(self.out_path)
-        if not path.exists():
-            logger.warning("resume: no optimizer state %s; continuing %s from step %d with a fresh optimizer "
-                           "(the result will differ slightly from an uninterrupted run)",
-                           path.name, self.out_path.name, self.step)
-            return
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:  # a damaged sidecar only costs the optimizer moments
-            logger.warning("resume: cannot read %s (%s); continuing with a fresh optimizer", path.name, e)
-            return
-        if state.get("step") != self.step or state.get("format") != STATE_FORMAT:
-            logger.warning("resume: %s is from step %s but %s from step %d (interrupted save?); continuing "
-                           "with a fresh optimizer", path.name, state.get("step"), self.out_path.name, self.step)
+    def _load_sidecar(self):
+        state = read_sidecar(self.out_path, self.step, self.device)
+        if state is None:
             return
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -301,44 +135,11 @@ class AggregatorTrainer:
         self.val_history = [list(h) for h in state.get("val_history", [])]
 
     # ------------------------------------------------------------------ batches
-    def _order(self, epoch):
-        if self._order_cache[0] != epoch:
-            g = torch.Generator().manual_seed(_seed(self.seed, "order", epoch))
-            self._order_cache = (epoch, torch.randperm(len(self.data.train), generator=g).tolist())
-        return self._order_cache[1]
-
     def make_batch(self, positions, validation=False) -> Batch:
         """Samples at run-wide `positions` (or validation indices) with their fixed draws."""
-        samples, draws = [], []
-        n_train = len(self.data.train)
-        for p in positions:
-            if validation:
-                sample, key = self.data.val[p], (self.seed, "val", p)
-            else:
-                sample, key = self.data.train[self._order(p // n_train)[p % n_train]], (self.seed, "train", p)
-            g = torch.Generator().manual_seed(_seed(*key))
-            t = int(torch.randint(len(self.schedule), (1,), generator=g))
-            drop = (not validation) and float(torch.rand((), generator=g)) < self.config.caption_dropout
-            noise = torch.randn(sample["latent"].shape, generator=g)
-            samples.append(sample)
-            draws.append((t, drop, noise))
-        n = len(self.experts)
-        contexts, ys = [], None
-        for i in range(n):
-            rows = [self.data.empty_contexts[i] if d[1] else s["contexts"][i] for s, d in zip(samples, draws)]
-            if len({tuple(r.shape) for r in rows}) > 1:
-                raise TrainingError(f"text contexts of different shapes in one batch ({sorted({tuple(r.shape) for r in rows})}); "
-                                    "encode every caption to the same number of tokens.")
-            contexts.append(torch.stack(rows).to(self.device, torch.float32))
-        if samples[0].get("ys") is not None:
-            empty = self.data.empty_ys
-            ys = [torch.stack([empty[i] if d[1] and empty is not None else s["ys"][i] for s, d in zip(samples, draws)])
-                  .to(self.device, torch.float32) for i in range(n)]
-        return Batch(positions=list(positions),
-                     latents=torch.stack([s["latent"] for s in samples]).to(self.device, torch.float32),
-                     noise=torch.stack([d[2] for d in draws]).to(self.device),
-                     t=torch.tensor([d[0] for d in draws], device=self.device),
-                     dropped=torch.tensor([d[1] for d in draws]), contexts=contexts, ys=ys)
+        return make_batch(self.data, self.order, positions, validation, seed=self.seed,
+                          timesteps=len(self.schedule), caption_dropout=self.config.caption_dropout,
+                          num_models=len(self.experts), device=self.device)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -421,11 +222,10 @@ class AggregatorTrainer:
     @torch.no_grad()
     def validation_loss(self, executor=None, expert_index=None) -> float:
         """Mean eps-MSE over the validation set (fixed noise and t per sample), sharded over ranks."""
-        rank, world, bs = self.comm.rank, self.comm.world_size, self.config.batch_size
         total = torch.zeros((), device=self.device)
-        mine = list(range(rank, len(self.data.val), world))
-        for s in range(0, len(mine), bs):
-            batch = self.make_batch(mine[s:s + bs], validation=True)
+        for indices in validation_batches(len(self.data.val), self.config.batch_size, self.comm.rank,
+                                          self.comm.world_size, self.data.val_buckets):
+            batch = self.make_batch(indices, validation=True)
             if expert_index is None:
                 losses = self.sample_losses(batch, executor)
             else:
@@ -488,11 +288,11 @@ class AggregatorTrainer:
     def save(self, finished=False) -> dict:
         meta = self.metadata(finished)
         if self.out_path is not None and self.comm.rank == 0:
-            state = {"format": STATE_FORMAT, "step": self.step, "position": self.position, "seed": self.seed,
-                     "optimizer": self.optimizer.state_dict(),
-                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                     "history": self.history, "val_history": self.val_history}
-            atomic_write(state_path(self.out_path), lambda tmp: torch.save(state, tmp))
+            write_sidecar(self.out_path, {
+                "step": self.step, "position": self.position, "seed": self.seed,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "history": self.history, "val_history": self.val_history})
             save_aggregator(self.out_path, self.aggregator, self.layout, self.expert_info, meta)
         self.last_saved = self.step
         return meta
