@@ -1,4 +1,4 @@
-"""Command line: python -m afa_nodes {generate,train,bench} ...
+"""Command line: python -m afa_nodes {generate,train,bench,studio} ...
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`.
 """
@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "generate": ("afa_nodes.cli_generate", "run an AFA ensemble through ComfyUI and write the image"),
     "train": ("afa_nodes.cli_train", "train an aggregator on a folder of captioned images"),
     "bench": ("afa_nodes.cli_bench", "run the benchmarks (quick versions by default)"),
+    "studio": ("afa_nodes.studio.cli", "serve AFA Studio, a web UI to generate, train and explore maps"),
 }
 
 

@@ -1,0 +1,413 @@
+"""The gradio UI of AFA Studio: Generate, Train and Maps tabs over one `Studio`.
+
+`build_app(studio)` returns the gr.Blocks; `launch(demo, port, share)` serves it on
+127.0.0.1. Named API endpoints (for gradio_client): /generate, /maps, /train_start,
+/train_stop, /status, /refresh. Jobs (/generate, /train_start) share one gradio
+concurrency group with limit 1: gradio queues them and shows each browser its place;
+the status bar says what runs and how many requests wait. Bad input raises gr.Error
+with the back end's AFAError message; the app keeps serving.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from .. import logger
+from ..core.errors import AFAError
+from ..core.map_render import to_pil
+from ..nodes_train import render_loss_curve
+from . import catalog
+from .generation import GenerateRequest
+from .state import Studio
+from .training import TrainSnapshot, option_specs, validation_rows
+
+JOB_GROUP = "afa_job"          # gradio concurrency id of everything that takes the JobBoard
+POLL_SECONDS = 1.0
+TITLE = "AFA Studio"
+CSS = """
+#afa-status {padding: 6px 12px; border-radius: 6px; background: var(--block-background-fill);}
+#afa-status p {margin: 0;}
+"""
+MAIN_OPTIONS = ("dataset_folder", "save_name", "steps", "batch_size", "learning_rate", "resolution", "resume",
+                "save_every")   # the Train tab shows the node's other options under "more training options"
+VALIDATION_HEADERS = ["model / ensemble", "eps-MSE", "best"]
+
+
+# ---------------------------------------------------------------- helpers
+def user_errors(fn):
+    """AFAError -> gr.Error with its message (shown in the UI, no traceback); anything else is
+    logged with its traceback and shown briefly. The app keeps serving either way."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except AFAError as e:
+            logger.info("AFA Studio refused a request: %s", e)
+            raise gr.Error(str(e), title=TITLE, print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - the UI must say something; the log has the traceback
+            logger.exception("AFA Studio: %s failed", fn.__name__)
+            raise gr.Error(f"{type(e).__name__}: {e} (the traceback is in the studio's log)", title=TITLE,
+                           print_exception=False) from None
+    return wrapper
+
+
+def waiting_requests(demo: gr.Blocks) -> int:
+    """Requests in gradio's queue for the job group (0 when gradio's internals differ)."""
+    try:
+        return len(demo._queue.event_queue_per_concurrency_id[JOB_GROUP].queue)
+    except (AttributeError, KeyError):
+        return 0
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def _default_point(points: list) -> int:
+    return points.index("middle") if "middle" in points else len(points) // 2
+
+
+# ---------------------------------------------------------------- the app
+def build_app(studio: Studio) -> gr.Blocks:
+    # delete_cache: gradio keeps a copy of every image it served; drop copies older than a day, hourly
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        gr.Markdown(f"## {TITLE}: ensembles of diffusion models with Adaptive Feature Aggregation")
+        status = gr.Markdown("Idle.", elem_id="afa-status")
+        seen = gr.State(None)         # per session: what the poll last sent (versions, lists)
+        maps_state = gr.State(None)   # per session: MapsView of this session's last generation
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                gen = _generate_tab(studio)
+            with gr.Tab("Train", id="train"):
+                train = _train_tab()
+            with gr.Tab("Maps", id="maps"):
+                maps = _maps_tab()
+        _wire_generate(studio, gen, maps, maps_state)
+        _wire_maps(maps, maps_state)
+        _wire_train(studio, train)
+        _wire_poll(demo, studio, status, seen, gen, train)
+
+        def status_api() -> dict:
+            return _status_api(demo, studio)
+        gr.api(status_api, api_name="status", api_description="The studio's job and the training run as JSON.")
+    return demo
+
+
+def _generate_tab(studio: Studio) -> dict:
+    c = {}
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            with gr.Row():
+                c["checkpoints"] = gr.Dropdown(catalog.checkpoints(), value=[], multiselect=True, max_choices=6,
+                                               allow_custom_value=True, label="checkpoints (2-6, one architecture)",
+                                               info="From ComfyUI's checkpoints folders and extra_model_paths.yaml.",
+                                               elem_id="afa-gen-checkpoints", scale=5)
+                c["refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="afa-refresh")
+            with gr.Row():
+                c["mode"] = gr.Dropdown(catalog.MODES, value="block-wise average", label="mode",
+                                        info="'aggregator' needs a trained aggregator; the others need no training.",
+                                        elem_id="afa-gen-mode")
+                c["aggregator"] = gr.Dropdown(catalog.aggregators(), value=catalog.NONE, allow_custom_value=True,
+                                              label="aggregator (models/afa)", elem_id="afa-gen-aggregator")
+            with gr.Row():
+                c["weights"] = gr.Textbox("", label="weights (fixed weights)", placeholder="0.6, 0.4", visible=False)
+                c["model_index"] = gr.Number(1, precision=0, minimum=1, maximum=6, label="model index (single model)",
+                                             visible=False)
+            c["prompt"] = gr.Textbox("a watercolor painting of a lighthouse at dawn", lines=2, label="prompt")
+            c["negative"] = gr.Textbox("", lines=1, label="negative prompt")
+            with gr.Row():
+                c["width"] = gr.Slider(64, 2048, 512, step=8, label="width", elem_id="afa-gen-width")
+                c["height"] = gr.Slider(64, 2048, 512, step=8, label="height", elem_id="afa-gen-height")
+            with gr.Row():
+                c["steps"] = gr.Slider(1, 150, 20, step=1, label="steps", elem_id="afa-gen-steps")
+                c["cfg"] = gr.Slider(0.0, 30.0, 7.0, step=0.5, label="CFG", elem_id="afa-gen-cfg")
+            with gr.Row():
+                samplers, schedulers = catalog.samplers(), catalog.schedulers()
+                c["sampler"] = gr.Dropdown(samplers, value="euler" if "euler" in samplers else samplers[0],
+                                           label="sampler")
+                c["scheduler"] = gr.Dropdown(schedulers, value="normal" if "normal" in schedulers else schedulers[0],
+                                             label="scheduler")
+            with gr.Row():
+                c["seed"] = gr.Number(0, precision=0, minimum=0, label="seed")
+                c["batch"] = gr.Slider(1, 16, 1, step=1, label="batch")
+            with gr.Row():
+                c["compare"] = gr.Checkbox(True, label="also each base model (same seed)")
+                c["record_maps"] = gr.Checkbox(True, label="record attention maps (Maps tab)")
+        with gr.Column(scale=3):
+            c["run"] = gr.Button("Generate", variant="primary", elem_id="afa-generate")
+            c["gallery"] = gr.Gallery(label="ensemble | base models (same seed)", columns=3, height="auto",
+                                      object_fit="contain", elem_id="afa-gallery")
+            c["result"] = gr.Markdown("", elem_id="afa-gen-result")
+    return c
+
+
+def _train_tab() -> dict:
+    c = {"options": {}}
+    specs = option_specs()
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            c["checkpoints"] = gr.Dropdown(catalog.checkpoints(), value=[], multiselect=True, max_choices=6,
+                                           allow_custom_value=True, label="checkpoints to ensemble (2-6)",
+                                           elem_id="afa-train-checkpoints")
+            main = [n for n in specs if n in MAIN_OPTIONS]
+            more = [n for n in specs if n not in MAIN_OPTIONS]
+            _option_rows(c["options"], specs, main)
+            with gr.Accordion("more training options", open=False):
+                _option_rows(c["options"], specs, more)
+        with gr.Column(scale=3):
+            with gr.Row():
+                c["start"] = gr.Button("Start", variant="primary", elem_id="afa-train-start")
+                c["stop"] = gr.Button("Stop", variant="stop", elem_id="afa-train-stop")
+            c["progress"] = gr.Markdown("No training has run in this studio yet.", elem_id="afa-train-progress")
+            c["curve"] = gr.Image(label="loss (train: line, validation: dots)", type="pil", format="png",
+                                  interactive=False, elem_id="afa-train-curve")
+            c["table"] = gr.Dataframe(headers=VALIDATION_HEADERS, value=[], interactive=False,
+                                      label="validation on held-out images (lower is better): each model alone, "
+                                            "the uniform ensemble, the trained aggregator",
+                                      column_widths=["65%", "20%", "15%"], elem_id="afa-train-table")
+            c["report"] = gr.Textbox(label="report", lines=6, interactive=False)
+    return c
+
+
+def _option_rows(widgets: dict, specs: dict, names: list, per_row: int = 2):
+    """The node's options as widgets, `per_row` to a row (the two path options get a row each)."""
+    pending = []
+    for name in names + [None]:
+        if name in (None, "dataset_folder", "save_name") or len(pending) == per_row:
+            if pending:
+                with gr.Row():
+                    for n in pending:
+                        widgets[n] = _option_widget(n, *specs[n])
+            pending = []
+        if name in ("dataset_folder", "save_name"):
+            widgets[name] = _option_widget(name, *specs[name])
+        elif name is not None:
+            pending.append(name)
+
+
+def _option_widget(name: str, kind, opts: dict):
+    label, info, default = _label(name), opts.get("tooltip"), opts.get("default")
+    elem_id = f"afa-train-{name.replace('_', '-')}"
+    if name == "dataset_folder":
+        folders = catalog.dataset_folders()
+        return gr.Dropdown(folders, value=default if default in folders else (folders[0] if folders else None),
+                           allow_custom_value=True, label="dataset folder (inside ComfyUI's input directory)",
+                           info=info, elem_id=elem_id)
+    if name == "gradient_checkpointing" and not torch.cuda.is_available():
+        default = False  # the node's tooltip: turn it off on CPU
+    if isinstance(kind, (list, tuple)):
+        return gr.Dropdown(list(kind), value=default, label=label, info=info, elem_id=elem_id)
+    if kind == "BOOLEAN":
+        return gr.Checkbox(default, label=label, info=info, elem_id=elem_id)
+    if kind == "INT":
+        return gr.Number(default, precision=0, minimum=opts.get("min"), maximum=opts.get("max"), label=label,
+                         info=info, elem_id=elem_id)
+    if kind == "FLOAT":
+        return gr.Number(default, minimum=opts.get("min"), maximum=opts.get("max"), step=opts.get("step", 0.01),
+                         label=label, info=info, elem_id=elem_id)
+    return gr.Textbox(default, label=label, info=info, elem_id=elem_id)
+
+
+def _maps_tab() -> dict:
+    c = {}
+    c["caption"] = gr.Markdown("Generate an image (with 'record attention maps' on) to explore its maps here.",
+                               elem_id="afa-maps-caption")
+    with gr.Row():
+        c["point"] = gr.Slider(0, 1, 0, step=1, label="aggregation point", interactive=True, elem_id="afa-maps-point")
+        c["step"] = gr.Slider(0, 1, 0, step=1, label="sampler step", interactive=True, elem_id="afa-maps-step")
+    with gr.Row():
+        c["branch"] = gr.Radio(["cond", "uncond"], value="cond", label="pass")
+        c["image"] = gr.Slider(0, 1, 0, step=1, label="image of the batch", interactive=True)
+    with gr.Row():
+        c["per_model"] = gr.Image(label="per-model maps (bright = that model's features are used)", type="pil",
+                                  format="png", interactive=False, elem_id="afa-maps-per-model")
+        c["overlay"] = gr.Image(label="dominant model over the image", type="pil", format="png", interactive=False,
+                                elem_id="afa-maps-overlay")
+    with gr.Row():
+        c["dominant"] = gr.Image(label="dominant model", type="pil", format="png", interactive=False,
+                                 elem_id="afa-maps-dominant")
+        c["chart"] = gr.Image(label="mean weight per aggregation point (this step)", type="pil", format="png",
+                              interactive=False)
+    return c
+
+
+# ---------------------------------------------------------------- generate + maps
+GENERATE_PARAMS = ["checkpoints", "mode", "aggregator", "weights", "model_index", "prompt", "negative", "width",
+                   "height", "steps", "cfg", "sampler", "scheduler", "seed", "batch", "compare", "record_maps"]
+
+
+def _maps_outputs(maps: dict) -> list:
+    return [maps[k] for k in ("caption", "point", "step", "image", "branch", "per_model", "dominant", "overlay",
+                              "chart")]
+
+
+def _maps_values(view, note: str = ""):
+    """Outputs of `_maps_outputs` for a new generation: sliders sized to its run, first render."""
+    if view is None:
+        return [note or "No maps for this generation.", gr.Slider(0, 1, 0), gr.Slider(0, 1, 0), gr.Slider(0, 1, 0),
+                gr.Radio(["cond", "uncond"], value="cond"), None, None, None, None]
+    point, step = _default_point(view.points), len(view.steps) - 1
+    fig = view.render(point, step, "cond" if "cond" in view.branches else view.branches[0], 0)
+    return [fig.caption,
+            gr.Slider(0, max(1, len(view.points) - 1), point, step=1,
+                      label=f"aggregation point (0-{len(view.points) - 1}: {', '.join(view.points)})"),
+            gr.Slider(0, max(1, len(view.steps) - 1), step, step=1,
+                      label=f"sampler step (0-{len(view.steps) - 1}, of the recorded steps)"),
+            gr.Slider(0, max(1, view.batch - 1), 0, step=1, label=f"image of the batch (0-{view.batch - 1})"),
+            gr.Radio(view.branches, value="cond" if "cond" in view.branches else view.branches[0]),
+            fig.per_model, fig.dominant, fig.overlay, fig.chart]
+
+
+def _wire_generate(studio: Studio, gen: dict, maps: dict, maps_state):
+    @user_errors
+    def generate(checkpoints, mode, aggregator, weights, model_index, prompt, negative, width, height, steps, cfg,
+                 sampler, scheduler, seed, batch, compare, record_maps, progress=gr.Progress()):  # noqa: B008 (gradio)
+        request = GenerateRequest(
+            checkpoints=list(checkpoints or []), mode=mode, aggregator=aggregator or catalog.NONE,
+            weights=weights or "", model_index=model_index, prompt=prompt, negative=negative, width=width,
+            height=height, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, batch=batch,
+            compare=bool(compare), record_maps=bool(record_maps))
+        result = studio.generate(request, lambda fraction, text: progress(fraction, desc=text))
+        pictures = [(str(p.path), p.caption) for p in result.pictures]
+        folder = Path(result.pictures[0].path).parent if result.pictures else ""
+        summary = (f"{len(pictures)} image(s) in {result.seconds:.1f} s, saved in `{folder}` with their settings "
+                   "(PNG text 'afa') and the ComfyUI workflow (PNG text 'prompt').")
+        columns = min(4, max(1, len(pictures) // max(1, int(batch or 1))))
+        return [gr.Gallery(pictures, columns=columns), summary, result.maps] + _maps_values(result.maps, result.note)
+
+    inputs = [gen[k] for k in GENERATE_PARAMS]
+    gen["run"].click(generate, inputs, [gen["gallery"], gen["result"], maps_state] + _maps_outputs(maps),
+                     api_name="generate", concurrency_id=JOB_GROUP, concurrency_limit=1,
+                     api_description="Generate with the ensemble and each base model (same seed).")
+
+    def mode_changed(mode):
+        return gr.Textbox(visible=mode == "fixed weights"), gr.Number(visible=mode == "single model")
+    gen["mode"].change(mode_changed, gen["mode"], [gen["weights"], gen["model_index"]], api_visibility="private",
+                       queue=False, show_progress="hidden")
+
+
+def _wire_maps(maps: dict, maps_state):
+    @user_errors
+    def render(view, point, step, branch, image):
+        if view is None:
+            raise AFAError("no maps yet in this browser session: generate an image in the Generate tab "
+                           "(with 'record attention maps' on), then come back.")
+        fig = view.render(int(point), int(step), branch, int(image))
+        return fig.caption, fig.per_model, fig.dominant, fig.overlay, fig.chart
+
+    inputs = [maps_state, maps["point"], maps["step"], maps["branch"], maps["image"]]
+    outputs = [maps["caption"], maps["per_model"], maps["dominant"], maps["overlay"], maps["chart"]]
+    # .input fires on user changes only (not when a generation resizes the sliders)
+    maps["point"].input(render, inputs, outputs, api_name="maps", show_progress="minimal", trigger_mode="always_last",
+                        api_description="Render the maps of this session's last generation.")
+    for control in (maps["step"], maps["image"], maps["branch"]):
+        control.input(render, inputs, outputs, api_visibility="private", show_progress="minimal",
+                      trigger_mode="always_last")
+
+
+# ---------------------------------------------------------------- train
+def _wire_train(studio: Studio, train: dict):
+    names = list(train["options"])
+
+    @user_errors
+    def start(checkpoints, *values):
+        run = studio.start_training(list(checkpoints or []), dict(zip(names, values, strict=True)))
+        return f"Started: {run.label()}. Progress appears here every second."
+    start.__signature__ = inspect.Signature(  # named API parameters: checkpoints + the node's options
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["checkpoints"] + names])
+
+    def stop():
+        message = studio.stop_training()
+        if not message.startswith("Stopping"):
+            gr.Warning(message, title=TITLE)
+        return message
+
+    train["start"].click(start, [train["checkpoints"]] + [train["options"][n] for n in names], train["progress"],
+                         api_name="train_start", concurrency_id=JOB_GROUP, concurrency_limit=1,
+                         api_description="Start training an aggregator (returns at once; poll /status).")
+    train["stop"].click(stop, None, train["progress"], api_name="train_stop", concurrency_limit=None,
+                        api_description="Stop the training run; it saves a resumable file.")
+
+
+# ---------------------------------------------------------------- poll (status bar, training, lists)
+def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: dict):
+    lists = [gen["checkpoints"], gen["aggregator"], train["checkpoints"], train["options"]["dataset_folder"]]
+    train_outputs = [train["progress"], train["curve"], train["table"], train["report"]]
+
+    def poll(last):
+        """Every second per open page: the status bar, and what changed since this page's last poll."""
+        last = dict(last or {})
+        snap = studio.training_snapshot()
+        out = [studio.board.status_line(waiting_requests(demo))]
+        if last.get("train") == (snap.version, snap.state):
+            out += [gr.skip()] * len(train_outputs)
+        else:
+            last["train"] = (snap.version, snap.state)
+            out += _train_values(snap)
+        for i, values in enumerate(_list_choices()):
+            if last.get(f"list{i}") == values:
+                out.append(gr.skip())
+            else:
+                last[f"list{i}"] = values
+                out.append(gr.Dropdown(choices=values))
+        return out + [last]
+
+    outputs = [status] + train_outputs + lists + [seen]
+    gr.Timer(POLL_SECONDS).tick(poll, seen, outputs, api_visibility="private", show_progress="hidden",
+                                concurrency_limit=None, concurrency_id="afa_poll")
+    demo.load(poll, seen, outputs, api_visibility="private", show_progress="hidden", concurrency_limit=None,
+              concurrency_id="afa_poll")
+
+    def refresh():
+        return [gr.Dropdown(choices=values) for values in _list_choices()]
+    gen["refresh"].click(refresh, None, lists, api_name="refresh", concurrency_limit=None,
+                         api_description="Re-read ComfyUI's model folders and input directory.")
+
+
+def _list_choices() -> list:
+    """Choices of the lists the poll keeps fresh, in the order of `_wire_poll`'s `lists`."""
+    checkpoints = catalog.checkpoints()
+    return [checkpoints, catalog.aggregators(), checkpoints, catalog.dataset_folders()]
+
+
+def _train_values(snap: TrainSnapshot) -> list:
+    if snap.state == "idle":
+        return [snap.message, None, [], ""]
+    head = {"starting": "Starting", "running": "Training", "stopping": "Stopping", "finished": "Finished",
+            "stopped": "Stopped", "failed": "Failed"}[snap.state]
+    name = Path(snap.out_path).name if snap.out_path else ""
+    text = f"**{head}** `{name}`: {snap.progress_text()}"
+    if snap.state in ("finished", "stopped", "failed", "starting"):
+        text += f"\n\n{snap.message}" if snap.message not in text else ""
+    curve = to_pil(render_loss_curve(snap.history, snap.val_history, f"{name}: step {snap.step}/{snap.total}"))
+    return [text, curve, validation_rows(snap.validation), snap.report]
+
+
+def _status_api(demo: gr.Blocks, studio: Studio) -> dict:
+    snap = studio.training_snapshot()
+    job = studio.board.current
+    return {"status": studio.board.status_line(waiting_requests(demo)),
+            "job": None if job is None else {"kind": job.kind, "label": job.label, "detail": job.detail},
+            "waiting": waiting_requests(demo),
+            "training": {"state": snap.state, "message": snap.message, "step": snap.step, "total": snap.total,
+                         "loss": snap.history[-1][1] if snap.history else None, "eta_seconds": snap.eta_seconds,
+                         "validation": validation_rows(snap.validation), "file": snap.out_path,
+                         "report": snap.report}}
+
+
+# ---------------------------------------------------------------- serving
+def launch(demo: gr.Blocks, port: int = 7860, share: bool = False, allowed_paths=()) -> tuple:
+    """Serve on 127.0.0.1:`port` without blocking; a public gradio link only when `share`.
+    Returns (local URL, public URL or None). `demo.block_thread()` then waits for Ctrl-C and
+    `demo.close()` stops the server."""
+    demo.queue(default_concurrency_limit=1)
+    _, url, share_url = demo.launch(server_name="127.0.0.1", server_port=port, share=bool(share),
+                                    prevent_thread_lock=True, ssr_mode=False, quiet=True, show_error=True,
+                                    allowed_paths=list(allowed_paths), footer_links=["api"], css=CSS)
+    return url, (share_url if share else None)

@@ -1,0 +1,102 @@
+"""`python -m afa_nodes studio`: boot ComfyUI as a library and serve AFA Studio on 127.0.0.1.
+
+    python -m afa_nodes studio [--port 7860] [--share] [--comfyui PATH]
+
+Models come from ComfyUI's folders: models/checkpoints, models/afa and the entries of
+<ComfyUI>/extra_model_paths.yaml (plus --extra-model-paths-config files), as ComfyUI's
+main.py reads them. No public link unless --share is given. Ctrl-C (or SIGTERM) stops the
+server; a running training is stopped first, which leaves a resumable file.
+"""
+import argparse
+import importlib.util
+import os
+import signal
+from pathlib import Path
+
+from .. import logger
+from ..core.errors import AFAError
+
+EXIT_ERROR = 2
+STOP_WAIT_SECONDS = 600
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default 7860)")
+    parser.add_argument("--share", action="store_true",
+                        help="ALSO create a public gradio.live link (off by default: local only)")
+    parser.add_argument("--comfyui", default=None, metavar="PATH",
+                        help="ComfyUI folder (default: $COMFYUI_PATH, the one this pack is installed in, "
+                             "~/comfy/ComfyUI)")
+    parser.add_argument("--extra-model-paths-config", action="append", default=[], metavar="YAML",
+                        help="more model folders, as ComfyUI's flag of that name (repeatable)")
+    parser.add_argument("--input-directory", default=None, metavar="DIR",
+                        help="ComfyUI's input directory (training datasets are its subfolders)")
+    parser.add_argument("--output-directory", default=None, metavar="DIR",
+                        help="ComfyUI's output directory (images go to its afa_studio/ subfolder)")
+
+
+def apply_model_paths(comfyui_path, extra_yamls=()):
+    """What ComfyUI's main.py does at start: <ComfyUI>/extra_model_paths.yaml, then the given files."""
+    import utils.extra_config  # ComfyUI's
+
+    default = Path(comfyui_path) / "extra_model_paths.yaml"
+    for path in ([default] if default.is_file() else []) + [Path(p).expanduser() for p in extra_yamls]:
+        if not path.is_file():
+            raise AFAError(f"extra model paths file not found: {path}")
+        utils.extra_config.load_extra_path_config(str(path))
+        logger.info("model folders from %s", path)
+
+
+def run(args) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        logger.error("AFA Studio needs gradio: pip install gradio (or pip install -r requirements.txt).")
+        return EXIT_ERROR
+    try:
+        return _serve(args)
+    except AFAError as e:
+        logger.error("%s", e)
+        return EXIT_ERROR
+
+
+def _serve(args) -> int:
+    from ..comfy_env import boot_comfyui
+    info = boot_comfyui(args.comfyui, output_dir=args.output_directory, input_dir=args.input_directory)
+    apply_model_paths(info.path, args.extra_model_paths_config)
+    import folder_paths
+
+    from .. import nodes  # noqa: F401  (registers models/afa, as loading the pack does)
+    from .app import build_app, launch
+    from .state import Studio
+
+    studio = Studio()
+    demo = build_app(studio)
+    outputs = os.path.join(folder_paths.get_output_directory(), "afa_studio")
+    os.makedirs(outputs, exist_ok=True)
+    try:
+        url, public = launch(demo, port=args.port, share=args.share, allowed_paths=[outputs])
+    except OSError as e:
+        raise AFAError(f"cannot serve on 127.0.0.1:{args.port} ({e}); pick another --port.") from None
+    logger.info("AFA Studio on %s (ComfyUI %s at %s, %s); Ctrl-C stops it.", url, info.version, info.path,
+                info.device)
+    if public:
+        logger.warning("--share: AFA Studio is ALSO public at %s (anyone with the link can use it).", public)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
+    try:
+        demo.block_thread()  # returns on Ctrl-C, after closing the server
+    finally:
+        _stop_training(studio)
+        demo.close()
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_training(studio):
+    run = studio.training
+    if run is not None and run.snapshot().active:
+        logger.warning("%s", studio.stop_training())
+        if not run.wait(STOP_WAIT_SECONDS):
+            logger.error("the training did not stop within %d s; its last saved file stays resumable.",
+                         STOP_WAIT_SECONDS)

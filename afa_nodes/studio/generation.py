@@ -1,0 +1,287 @@
+"""Generate tab back end: the AFA ensemble's images next to each base model's, same seed.
+
+Runs exactly what a ComfyUI workflow runs (AFA Ensemble Loader -> CLIP Text Encode ->
+Empty Latent Image -> KSampler -> VAE Decode, under torch.inference_mode() as ComfyUI's
+executor does), records the attention maps with `nodes_maps.record`, and saves every
+image as PNG into ComfyUI's output folder (`afa_studio/`) with two text chunks: "afa"
+(the settings, the same JSON as `python -m afa_nodes generate`) and "prompt" (the
+equivalent ComfyUI API graph, so dropping the file on ComfyUI loads the workflow).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+import nodes
+
+from .. import logger
+from ..core.aggregator_file import atomic_write
+from ..core.errors import AFAError
+from ..ensemble_model import MAX_MODELS
+from ..nodes_ensemble import AFAEnsembleLoader, _files_fingerprint
+from ..nodes_maps import record
+from . import catalog
+from .maps_view import MapsView
+
+OUTPUT_PREFIX = "afa_studio/afa"
+LIMITS = {"width": (64, 4096), "height": (64, 4096), "steps": (1, 1000), "batch": (1, 16), "cfg": (0.0, 100.0),
+          "seed": (0, 2**64 - 1), "model_index": (1, MAX_MODELS)}
+
+Progress = Callable[[float, str], None]   # (fraction 0..1, text)
+
+
+@dataclass
+class GenerateRequest:
+    """What the Generate tab sends. `checked()` returns a validated copy or raises AFAError."""
+    checkpoints: list
+    mode: str = "block-wise average"
+    aggregator: str = catalog.NONE
+    weights: str = ""
+    model_index: int = 1
+    prompt: str = ""
+    negative: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    seed: int = 0
+    batch: int = 1
+    compare: bool = True        # also each base model alone, same seed
+    record_maps: bool = True    # attention maps for the Maps tab
+
+    def checked(self) -> "GenerateRequest":
+        values = asdict(self)
+        values["checkpoints"] = catalog.check_checkpoints(self.checkpoints)
+        values["aggregator"] = catalog.check_aggregator(self.aggregator, self.mode)
+        for name, (lo, hi) in LIMITS.items():
+            value = values[name]
+            if value is None or not lo <= value <= hi:
+                raise AFAError(f"{name} must be between {lo} and {hi}, got {value}.")
+            values[name] = float(value) if isinstance(lo, float) else int(value)
+        for name in ("width", "height"):
+            if values[name] % 8:
+                raise AFAError(f"{name} must be a multiple of 8 (the latent is 1/8 of the image), got {values[name]}.")
+        if self.sampler not in catalog.samplers():
+            raise AFAError(f"unknown sampler '{self.sampler}'; ComfyUI offers: {', '.join(catalog.samplers())}.")
+        if self.scheduler not in catalog.schedulers():
+            raise AFAError(f"unknown scheduler '{self.scheduler}'; ComfyUI offers: "
+                           f"{', '.join(catalog.schedulers())}.")
+        if self.mode == "single model" and values["model_index"] > len(values["checkpoints"]):
+            raise AFAError(f"model index {values['model_index']} is out of range: "
+                           f"{len(values['checkpoints'])} checkpoints are chosen.")
+        values["prompt"], values["negative"] = self.prompt or "", self.negative or ""
+        return GenerateRequest(**values)
+
+    def label(self) -> str:
+        return f"{len(self.checkpoints)} models, {self.mode}, {self.steps} steps, {self.width}x{self.height}"
+
+    def settings(self) -> dict:
+        """The settings embedded in every PNG (keys as in `python -m afa_nodes generate`)."""
+        return dict(prompt=self.prompt, negative=self.negative, width=self.width, height=self.height,
+                    steps=self.steps, cfg=self.cfg, sampler=self.sampler, scheduler=self.scheduler, seed=self.seed,
+                    mode=self.mode, weights=self.weights, model_index=self.model_index, batch=self.batch,
+                    checkpoints=list(self.checkpoints),
+                    aggregator=None if self.aggregator == catalog.NONE else self.aggregator, app="AFA Studio")
+
+
+@dataclass
+class Picture:
+    path: Path
+    caption: str
+
+
+@dataclass
+class GenerationResult:
+    pictures: list = field(default_factory=list)   # ensemble images first, then each base model's
+    maps: Optional[MapsView] = None
+    seconds: float = 0.0
+    note: str = ""                                 # why there are no maps, when there are none
+
+
+class ModelCache:
+    """The last loaded ensemble and base checkpoints, re-used while the selection and the files
+    (size, mtime) stay the same; anything else is dropped, so at most one selection is held."""
+
+    def __init__(self):
+        self._ensemble = None   # (key, (model, clip, vae))
+        self._bases = {}        # name -> (key, (model, clip, vae))
+
+    def clear(self):
+        self._ensemble, self._bases = None, {}
+
+    def ensemble(self, req: GenerateRequest):
+        key = (_files_fingerprint("checkpoints", req.checkpoints), tuple(req.checkpoints),
+               _files_fingerprint("afa", [req.aggregator]), req.aggregator, req.mode, req.weights, req.model_index)
+        if self._ensemble is None or self._ensemble[0] != key:
+            self._ensemble = None  # free the old one before loading the new one
+            ckpts = {f"ckpt_{i + 1}": name for i, name in enumerate(req.checkpoints)}
+            loaded = AFAEnsembleLoader().load(req.aggregator, req.mode, req.weights, req.model_index, **ckpts)
+            self._ensemble = (key, loaded)
+        self._bases = {k: v for k, v in self._bases.items() if k in req.checkpoints}
+        return self._ensemble[1]
+
+    def base(self, name: str):
+        key = _files_fingerprint("checkpoints", [name])
+        if name not in self._bases or self._bases[name][0] != key:
+            path = folder_paths.get_full_path_or_raise("checkpoints", name)
+            loaded = comfy.sd.load_checkpoint_guess_config(
+                path, output_vae=True, output_clip=True,
+                embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+            self._bases[name] = (key, loaded)
+        return self._bases[name][1]
+
+
+class StageProgress:
+    """ComfyUI's global progress hook -> (fraction of the whole job, text)."""
+
+    def __init__(self, stages: list, report: Optional[Progress]):
+        self.stages, self.report, self.index = stages, report, 0
+
+    def stage(self, index: int, text: str = ""):
+        self.index = index
+        self._emit(index / len(self.stages), f"{self.stages[index]}: {text}" if text else self.stages[index])
+
+    def __call__(self, value, total, preview=None, node_id=None):
+        total = max(1, int(total or 1))
+        self._emit((self.index + min(value, total) / total) / len(self.stages),
+                   f"{self.stages[self.index]}: step {value}/{total}")
+
+    def _emit(self, fraction, text):
+        if self.report is not None:
+            self.report(fraction, text)
+
+    @contextmanager
+    def hooked(self):
+        previous = comfy.utils.PROGRESS_BAR_HOOK
+        comfy.utils.set_progress_bar_global_hook(self)
+        try:
+            yield self
+        finally:
+            comfy.utils.set_progress_bar_global_hook(previous)
+
+
+def generate(request: GenerateRequest, cache: ModelCache, progress: Optional[Progress] = None) -> GenerationResult:
+    """Sample the ensemble (and each base model when `compare`), save the PNGs, keep the maps."""
+    req = request.checked()
+    started = time.monotonic()
+    bases = list(dict.fromkeys(req.checkpoints)) if req.compare else []  # a checkpoint chosen twice runs once
+    stages = ["AFA ensemble"] + [f"base model {i + 1}/{len(bases)} ({name})" for i, name in enumerate(bases)]
+    tracker = StageProgress(stages, progress)
+    settings = req.settings()
+    out_dir, prefix = _output_prefix(req)
+    result = GenerationResult()
+    with torch.inference_mode(), tracker.hooked():
+        tracker.stage(0, "loading the checkpoints")
+        model, clip, vae = cache.ensemble(req)
+        _require_text_encoder(clip, req.checkpoints)
+        recorder = None
+        if req.record_maps and req.mode != "single model":
+            model, recorder = record(model, points="all")
+        tracker.stage(0, "sampling")
+        samples, images = _sample(model, clip, vae, req)
+        graph = comfy_prompt(req)
+        for b in range(images.shape[0]):
+            path = out_dir / f"{prefix}_ensemble_{b}.png"
+            save_png(images[b], path, dict(settings, image="ensemble", batch_index=b), graph)
+            result.pictures.append(Picture(path, _ensemble_caption(req, b)))
+        if recorder is not None:
+            result.maps = MapsView(recorder.find_run(samples), images, f"{req.mode}, seed {req.seed}")
+        else:
+            result.note = ("no attention maps: mode 'single model' mixes nothing." if req.record_maps
+                           else "attention maps were not recorded (turn on 'record attention maps').")
+        for i, name in enumerate(bases):
+            tracker.stage(1 + i, "loading")
+            base, base_clip, base_vae = cache.base(name)
+            _require_text_encoder(base_clip, [name])
+            _, base_images = _sample(base, base_clip, base_vae, req)
+            graph = comfy_prompt(req, base=name)
+            for b in range(base_images.shape[0]):
+                path = out_dir / f"{prefix}_base{i + 1}_{b}.png"
+                save_png(base_images[b], path, dict(settings, image=f"base: {name}", batch_index=b), graph)
+                result.pictures.append(Picture(path, f"base model {i + 1}: {name}" + _nth(req, b)))
+    result.seconds = time.monotonic() - started
+    logger.info("AFA Studio: generated %d image(s) in %.1f s into %s", len(result.pictures), result.seconds, out_dir)
+    return result
+
+
+def _sample(model, clip, vae, req: GenerateRequest):
+    positive = nodes.CLIPTextEncode().encode(clip, req.prompt)[0]
+    negative = nodes.CLIPTextEncode().encode(clip, req.negative)[0]
+    latent = nodes.EmptyLatentImage().generate(req.width, req.height, req.batch)[0]
+    samples = nodes.KSampler().sample(model, req.seed, req.steps, req.cfg, req.sampler, req.scheduler,
+                                      positive, negative, latent)[0]
+    return samples["samples"], nodes.VAEDecode().decode(vae, samples)[0]
+
+
+def _require_text_encoder(clip, names):
+    if clip is None:
+        raise AFAError(f"{', '.join(names)}: no text encoder (CLIP) in the checkpoint file(s). The studio needs "
+                       "full checkpoints (UNet + CLIP + VAE), like ComfyUI's Load Checkpoint.")
+
+
+def _ensemble_caption(req: GenerateRequest, b: int) -> str:
+    what = f"aggregator {req.aggregator}" if req.mode == "aggregator" else req.mode
+    return f"AFA ensemble ({what})" + _nth(req, b)
+
+
+def _nth(req: GenerateRequest, b: int) -> str:
+    return f", image {b + 1}/{req.batch}" if req.batch > 1 else ""
+
+
+def _output_prefix(req: GenerateRequest):
+    """(folder, "afa_00012") in ComfyUI's output directory, numbered like SaveImage."""
+    out = folder_paths.get_output_directory()
+    folder, filename, counter, _, _ = folder_paths.get_save_image_path(OUTPUT_PREFIX, out, req.width, req.height)
+    os.makedirs(folder, exist_ok=True)
+    return Path(folder), f"{filename}_{counter:05}"
+
+
+def save_png(image: torch.Tensor, path: Path, settings: dict, graph: Optional[dict] = None) -> Path:
+    """IMAGE [H, W, 3] 0..1 -> PNG with "afa" (settings JSON) and "prompt" (ComfyUI API graph)
+    text chunks, written under a temporary name and renamed."""
+    pixels = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    info = PngInfo()
+    info.add_text("afa", json.dumps(settings))
+    if graph is not None:
+        info.add_text("prompt", json.dumps(graph))
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info))
+    return path
+
+
+def comfy_prompt(req: GenerateRequest, base: Optional[str] = None) -> dict:
+    """The ComfyUI API graph that makes the same image (the ensemble's, or one base model's)."""
+    if base is None:
+        loader = {"class_type": "AFAEnsembleLoader",
+                  "inputs": {**{f"ckpt_{i + 1}": n for i, n in enumerate(req.checkpoints)},
+                             "aggregator": req.aggregator, "mode": req.mode, "weights": req.weights,
+                             "model_index": req.model_index}}
+    else:
+        loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": base}}
+    return {
+        "1": loader,
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": req.prompt, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": req.negative, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage",
+              "inputs": {"width": req.width, "height": req.height, "batch_size": req.batch}},
+        "5": {"class_type": "KSampler",
+              "inputs": {"model": ["1", 0], "seed": req.seed, "steps": req.steps, "cfg": req.cfg,
+                         "sampler_name": req.sampler, "scheduler": req.scheduler, "positive": ["2", 0],
+                         "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": OUTPUT_PREFIX}},
+    }

@@ -1,0 +1,286 @@
+"""Train tab back end: one aggregator training in a worker thread, polled by the UI.
+
+Mirrors the AFA Train Aggregator node: the same inputs (their names, defaults, limits and
+tooltips are read from the node's INPUT_TYPES, so the tab follows the node), the same
+dataset rule (`resolve_dataset_folder`: a subfolder of ComfyUI's input directory), the
+same file (`aggregator_save_path`: models/afa/<save name>.safetensors + .train-state) and
+the same call (`train_from_comfy`). The models come from AFA Ensemble Loader in mode
+'block-wise average', as in the node's example workflow.
+
+Stop sets a flag that the trainer polls before every step; it then saves the aggregator
+and its resume state (tick 'resume' and Start to continue). The validation table is
+live: the trainer writes it into the file's metadata at every save, and the run reads
+it back from there.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+from .. import logger
+from ..core.errors import AFAError, TrainingError
+from ..core.train import TrainConfig, state_path
+from ..nodes_ensemble import NONE, AFAEnsembleLoader
+from ..nodes_train import AFATrainAggregator, aggregator_save_path, resolve_dataset_folder
+from ..training_host import train_from_comfy
+from . import catalog
+from .jobs import TRAINING, Job, JobBoard, format_duration
+
+SOCKETS = ("model", "clip", "vae")   # node inputs the studio fills itself
+PATHS = ("dataset_folder", "save_name")
+# node option -> TrainConfig field (as AFATrainAggregator.train builds its config)
+CONFIG_FIELDS = {"steps": "steps", "batch_size": "batch_size", "gradient_accumulation": "grad_accum",
+                 "learning_rate": "lr", "seed": "seed", "save_every": "save_every",
+                 "caption_dropout": "caption_dropout", "gradient_checkpointing": "gradient_checkpointing"}
+# node option -> train_from_comfy keyword where the names differ; other options pass by their own name
+HOST_NAMES = {"validation_fraction": "val_fraction"}
+
+
+def option_specs() -> dict:
+    """The node's widget inputs, in its order: name -> (type or list of choices, options with
+    default/min/max/tooltip)."""
+    spec = AFATrainAggregator.INPUT_TYPES()
+    inputs = {**spec["required"], **spec.get("optional", {})}
+    return {name: value for name, value in inputs.items() if name not in SOCKETS}
+
+
+def check_options(options: dict) -> dict:
+    """Every node option (missing ones take the node's default), typed and within its limits."""
+    specs = option_specs()
+    unknown = sorted(set(options) - set(specs))
+    if unknown:
+        raise AFAError(f"unknown training option(s) {', '.join(unknown)}; the trainer takes {', '.join(specs)}.")
+    return {name: _checked(name, kind, opts, options.get(name, opts.get("default")))
+            for name, (kind, opts) in specs.items()}
+
+
+def _checked(name, kind, opts, value):
+    if value is None:
+        raise AFAError(f"training option '{name}' needs a value.")
+    if isinstance(kind, (list, tuple)):
+        if value not in kind:
+            raise AFAError(f"training option '{name}' must be one of {', '.join(map(str, kind))}, got {value!r}.")
+        return value
+    if kind == "INT":
+        if float(value) != int(value):
+            raise AFAError(f"training option '{name}' must be a whole number, got {value}.")
+        value = int(value)
+    elif kind == "FLOAT":
+        value = float(value)
+    elif kind == "BOOLEAN":
+        return bool(value)
+    else:
+        return str(value)
+    if not opts.get("min", value) <= value <= opts.get("max", value):
+        raise AFAError(f"training option '{name}' must be between {opts['min']} and {opts['max']}, got {value}.")
+    return value
+
+
+def host_arguments(options: dict) -> dict:
+    """The train_from_comfy keywords for the checked options (all but the config and the paths)."""
+    accepted = inspect.signature(train_from_comfy).parameters
+    out = {}
+    for name, value in options.items():
+        if name in CONFIG_FIELDS or name in PATHS:
+            continue
+        key = HOST_NAMES.get(name, name)
+        if key not in accepted:
+            raise AFAError(f"the studio cannot pass the trainer option '{name}' yet (train_from_comfy has no "
+                           f"'{key}'); update the studio.")
+        out[key] = value
+    return out
+
+
+@dataclass
+class TrainSnapshot:
+    """What the Train tab shows; `version` changes whenever anything in it changes."""
+    version: int = 0
+    state: str = "idle"            # idle | starting | running | stopping | finished | stopped | failed
+    message: str = "No training has run in this studio yet."
+    step: int = 0
+    total: int = 0
+    history: list = field(default_factory=list)      # [[step, train loss]]
+    val_history: list = field(default_factory=list)  # [[step, validation loss]]
+    validation: Optional[dict] = None                # the trainer's table (rows of name/loss)
+    eta_seconds: Optional[float] = None
+    elapsed_seconds: float = 0.0
+    out_path: Optional[str] = None
+    report: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "running", "stopping")
+
+    def progress_text(self, elapsed: bool = True) -> str:
+        if self.state == "starting" or not self.total:
+            return self.message
+        eta = (f", about {format_duration(self.eta_seconds)} left" if self.eta_seconds is not None
+               else ", estimating the time left" if self.active else "")
+        loss = f", loss {self.history[-1][1]:.5f}" if self.history else ""
+        took = (f" ({'running for' if self.active else 'took'} {format_duration(self.elapsed_seconds)})"
+                if elapsed else "")
+        return f"step {self.step}/{self.total}{loss}{eta}{took}"
+
+
+class TrainingRun:
+    """One training job. `start()` validates and starts the worker thread (holding the board
+    until it ends); `stop()` asks it to stop; `snapshot()` is safe to call from any thread."""
+
+    def __init__(self, checkpoints, options: dict, board: JobBoard):
+        self.checkpoints = catalog.check_checkpoints(checkpoints)
+        self.options = check_options(options)
+        o = self.options
+        self.folder = resolve_dataset_folder(o["dataset_folder"])
+        self.out_path = aggregator_save_path(o["save_name"])
+        self.config = TrainConfig(**{field_: o[name] for name, field_ in CONFIG_FIELDS.items()})
+        self.host_args = host_arguments(o)
+        self.board = board
+        self.job: Optional[Job] = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._done = threading.Event()
+        self._snap = TrainSnapshot(state="starting", total=self.config.steps, out_path=str(self.out_path),
+                                   message=f"starting: {self.out_path.name}")
+        self._started = time.monotonic()
+        self._wall_started = time.time()
+        self._first_progress = None   # (monotonic time, step) of the first step of this run
+        self._file_mtime = None
+
+    def label(self) -> str:
+        return f"{self.out_path.name}: {len(self.checkpoints)} models, {self.config.steps} steps"
+
+    # ------------------------------------------------------------------ control
+    def start(self, on_start=None) -> "TrainingRun":
+        self.job = self.board.begin(TRAINING, self.label())
+        if on_start is not None:
+            on_start()
+        threading.Thread(target=self._run, name="afa-studio-training", daemon=True).start()
+        return self
+
+    def stop(self) -> str:
+        """Ask the run to stop; the text says what happens (also when it was asked already)."""
+        snap = self.snapshot()
+        if not snap.active:
+            return f"No training is running (the last one {snap.state}: {snap.message})"
+        with self._stop_lock:
+            already = self._stop.is_set()
+            self._stop.set()
+        if already:
+            return (f"Already stopping: the run stops before its next step (now at step {snap.step}/{snap.total}) "
+                    f"and saves {self.out_path.name} with its resume state.")
+        self._update(state="stopping", message=f"stopping before step {snap.step + 1}; then "
+                                               f"{self.out_path.name} is saved with its resume state")
+        return (f"Stopping: {self.out_path.name} and its resume state are saved before the next step "
+                f"(now at step {snap.step}/{snap.total}). Tick 'resume' and press Start to continue later.")
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self._done.wait(timeout)
+
+    def snapshot(self) -> TrainSnapshot:
+        with self._lock:
+            s = self._snap
+            copy = TrainSnapshot(**{**s.__dict__, "history": list(s.history), "val_history": list(s.val_history)})
+        if copy.active:
+            copy.elapsed_seconds = time.monotonic() - self._started
+        return copy
+
+    # ------------------------------------------------------------------ worker
+    def _run(self):
+        try:
+            self._status("loading the checkpoints")
+            ckpts = {f"ckpt_{i + 1}": name for i, name in enumerate(self.checkpoints)}
+            with torch.inference_mode():  # as ComfyUI runs the loader node
+                model, clip, vae = AFAEnsembleLoader().load(NONE, "block-wise average", "", 1, **ckpts)
+            if clip is None:
+                raise TrainingError(f"{', '.join(self.checkpoints)}: a checkpoint has no text encoder (CLIP); "
+                                    "training needs full checkpoints.")
+            result = train_from_comfy(model, clip, vae, self.folder, self.out_path, self.config,
+                                      should_stop=self._stop.is_set, progress=self._progress, status=self._status,
+                                      **self.host_args)
+            if result.stopped:
+                message = (f"stopped at step {result.step}/{self.config.steps}: {self.out_path.name} holds the "
+                           f"aggregator so far and {state_path(self.out_path).name} its resume state. Tick "
+                           "'resume' and press Start to continue.")
+            else:
+                message = (f"done: {self.out_path.name} saved at step {result.step}; it is now in the Generate "
+                           "tab's aggregator list.")
+            self._update(state="stopped" if result.stopped else "finished", message=message, step=result.step,
+                         history=[list(h) for h in result.history],
+                         val_history=[list(v) for v in result.val_history],
+                         validation=result.validation, report=result.report, eta_seconds=None)
+            logger.info("AFA Studio training: %s", message)
+        except AFAError as e:
+            self._update(state="failed", message=str(e), eta_seconds=None)
+            logger.warning("AFA Studio training failed: %s", e)
+        except Exception as e:  # noqa: BLE001 - shown in the UI; the traceback goes to the log
+            logger.exception("AFA Studio training failed")
+            self._update(state="failed", message=f"{type(e).__name__}: {e} (the traceback is in the log)",
+                         eta_seconds=None)
+        finally:
+            with self._lock:
+                self._snap.elapsed_seconds = time.monotonic() - self._started
+            self.board.end(self.job)
+            self._done.set()
+
+    def _status(self, text: str):
+        if self.job is not None:
+            self.job.detail = text
+        self._update(message=text)
+
+    def _progress(self, step: int, total: int, loss: float):
+        now = time.monotonic()
+        if self._first_progress is None:
+            self._first_progress = (now, step)
+        t0, s0 = self._first_progress
+        eta = (total - step) * (now - t0) / (step - s0) if step > s0 else None
+        with self._lock:
+            self._snap.history.append([step, float(loss)])
+        self._update(state="stopping" if self._stop.is_set() else "running", step=step, total=total,
+                     eta_seconds=eta, message=f"training {self.out_path.name}", **self._saved_validation())
+        if self.job is not None:
+            self.job.detail = self.snapshot().progress_text(elapsed=False)
+
+    def _saved_validation(self) -> dict:
+        """The validation table and curve of the last save of THIS run (the file's metadata)."""
+        try:
+            mtime = os.stat(self.out_path).st_mtime
+        except OSError:
+            return {}
+        if mtime < self._wall_started or mtime == self._file_mtime:
+            return {}
+        self._file_mtime = mtime
+        try:
+            with safe_open(str(self.out_path), "pt") as f:
+                training = json.loads((f.metadata() or {}).get("afa", "{}")).get("training", {})
+        except Exception as e:  # noqa: BLE001 - a live preview only; the final result has the table
+            logger.debug("could not read the validation table from %s: %s", self.out_path, e)
+            return {}
+        out = {}
+        if training.get("validation"):
+            out["validation"] = training["validation"]
+        if training.get("val_curve"):
+            out["val_history"] = [list(v) for v in training["val_curve"]]
+        return out
+
+    def _update(self, **changes):
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self._snap, key, value)
+            self._snap.version += 1
+
+
+def validation_rows(table: Optional[dict]) -> list:
+    """The trainer's validation table as rows [name, loss, note] (lower is better)."""
+    if not table:
+        return []
+    best = min(r["loss"] for r in table["rows"])
+    return [[r["name"], round(float(r["loss"]), 6), "best" if r["loss"] == best else ""] for r in table["rows"]]
