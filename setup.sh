@@ -63,14 +63,14 @@ if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
 fi
 
 # 3. ComfyUI -------------------------------------------------------------------------------
-if ! COMFY="$("$PY" -m afa_nodes.comfy_env --find)"; then
+if ! COMFY="$("$PY" -m afa_nodes.comfy_find --find)"; then
   if [ "$ALLOW_MISSING" = 1 ]; then
     say "No ComfyUI found (see above): continuing without it; ComfyUI tests will be skipped."
     exit 0
   fi
   exit 1
 fi
-say "ComfyUI $("$PY" -m afa_nodes.comfy_env --version) at $COMFY"
+say "ComfyUI $("$PY" -m afa_nodes.comfy_find --version) at $COMFY"
 
 # 4. ComfyUI requirements (minus the torch family) and the pack link ----------------------
 # + what ComfyUI imports without listing it (v0.8.0: `requests` in app/frontend_management.py).

@@ -4,15 +4,12 @@ write the image, next to each base model's image for the same seed.
 Without --checkpoint it builds small SYNTHETIC demo checkpoints (random weights, clearly
 named so) to show the whole pipeline working in about a minute on a CPU.
 """
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from . import logger
+from .core.image_file import save_png
 
 DEMO_DIR = Path.home() / ".cache" / "comfyui-afa" / "demo-checkpoints"
 
@@ -109,20 +106,8 @@ def _sample_and_save(nodes, model, clip, vae, settings, path):
     samples = nodes.KSampler().sample(model, s["seed"], s["steps"], s["cfg"], s["sampler"], s["scheduler"],
                                       positive, negative, latent)[0]
     images = nodes.VAEDecode().decode(vae, samples)[0]
-    _save_png(images[0], path, dict(s, image=path.name))
+    save_png(images[0], path, {"afa": dict(s, image=path.name)})
     return path, samples, images
-
-
-def _save_png(image, path, settings=None):
-    """IMAGE [H, W, 3] 0..1 -> PNG with the settings embedded (written under a temp name, then renamed)."""
-    pixels = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    info = PngInfo()
-    if settings:
-        info.add_text("afa", json.dumps(settings))
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-    return path
 
 
 def _save_maps(recorder, samples, image, points, out_dir):
@@ -133,4 +118,4 @@ def _save_maps(recorder, samples, image, points, out_dir):
     outputs = [(f"afa_maps_grid_{i}.png", g) for i, g in enumerate(grids)]
     outputs += [("afa_maps_dominant.png", dominant[0]), ("afa_maps_overlay.png", overlay[0]),
                 ("afa_maps_chart.png", chart[0])]
-    return [_save_png(img, out_dir / name) for name, img in outputs]
+    return [save_png(img, out_dir / name) for name, img in outputs]

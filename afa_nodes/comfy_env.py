@@ -1,34 +1,18 @@
-"""Find a ComfyUI installation and boot it as a library (no server).
+"""Boot ComfyUI as a library in this process (no server), as its main.py would.
 
-Used by the command line (``python -m afa_nodes ...``) and by the tests. The
-pack never ships ComfyUI code: it only *finds* an existing ComfyUI.
-
-Discovery order (:func:`find_comfyui`):
-
-1. ``$COMFYUI_PATH`` (when set, it must point at a ComfyUI folder; a wrong
-   value is reported instead of silently falling back to another ComfyUI);
-2. the ComfyUI this pack is installed in (``<ComfyUI>/custom_nodes/<pack>``),
-   checked for both the path Python imported the pack from and its symlink-
-   resolved location;
-3. ``~/comfy/ComfyUI`` (where ``comfy install`` of comfy-cli puts it).
-
-A folder is a ComfyUI when it has ``main.py`` and a ``comfy/`` folder.
-
-Command line::
-
-    python -m afa_nodes.comfy_env --find      # prints the path, exit 1 + how-to if none
-    python -m afa_nodes.comfy_env --version   # prints the ComfyUI version found
+Used by the command line (``python -m afa_nodes ...``), AFA Studio and the tests. Which
+ComfyUI: the one given, else the one :func:`comfy_find.find_comfyui` finds. Model folders
+come from ``<ComfyUI>/extra_model_paths.yaml`` and the extra files given, as with main.py
+(:func:`apply_model_paths`); :func:`load_nodes` loads custom nodes as ComfyUI does.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib
 import inspect
-import logging
+import itertools
 import os
-import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -36,40 +20,23 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from . import logger  # relative: works when ComfyUI imports the pack by folder path
+from .comfy_find import (
+    HOW_TO_GET_COMFYUI,
+    ComfyUINotFoundError,
+    comfyui_version,
+    find_comfyui,
+    is_comfyui_dir,
+    pack_root,
+)
 from .core.errors import AFAError
 
 __all__ = [
-    "HOW_TO_GET_COMFYUI",
-    "ComfyUINotFoundError",
     "ComfyInfo",
-    "find_comfyui",
-    "is_comfyui_dir",
-    "pack_root",
-    "comfyui_version",
-    "has_cli_flag",
+    "apply_model_paths",
     "boot_comfyui",
-    "load_nodes",
     "booted",
+    "load_nodes",
 ]
-
-DEFAULT_COMFYUI = Path("~/comfy/ComfyUI")
-
-HOW_TO_GET_COMFYUI = (
-    "ComfyUI was not found. ComfyUI-AFA needs a ComfyUI installation (it looks at "
-    "$COMFYUI_PATH, then the ComfyUI this pack is installed in, then ~/comfy/ComfyUI). "
-    "Get one with:\n"
-    "    git clone https://github.com/comfyanonymous/ComfyUI ~/comfy/ComfyUI && "
-    "pip install -r ~/comfy/ComfyUI/requirements.txt\n"
-    "or:\n"
-    "    pip install comfy-cli && comfy install\n"
-    "(comfy-cli installs into ~/comfy/ComfyUI unless told otherwise; `comfy which` prints where).\n"
-    "Or point COMFYUI_PATH at an existing ComfyUI folder (the one holding main.py):\n"
-    "    export COMFYUI_PATH=/path/to/ComfyUI"
-)
-
-
-class ComfyUINotFoundError(AFAError):
-    """No usable ComfyUI installation; the message says how to get one."""
 
 
 @dataclass(frozen=True)
@@ -86,75 +53,6 @@ _lock = threading.RLock()
 _info: ComfyInfo | None = None
 _loaded_node_paths: set[str] = set()
 _builtin_nodes_loaded = False
-
-
-# --------------------------------------------------------------------- discovery
-def is_comfyui_dir(path: str | os.PathLike | None) -> bool:
-    """True when ``path`` holds ``main.py`` and a ``comfy/`` folder."""
-    if not path:
-        return False
-    p = Path(path).expanduser()
-    return (p / "main.py").is_file() and (p / "comfy").is_dir()
-
-
-def pack_root(resolve: bool = False) -> Path:
-    """The pack's root folder (parent of ``afa_nodes/``).
-
-    Unresolved by default: when the pack is symlinked into
-    ``<ComfyUI>/custom_nodes/``, Python's ``__file__`` keeps the symlinked path.
-    """
-    here = Path(os.path.abspath(__file__)).parent.parent
-    return here.resolve() if resolve else here
-
-
-def _installed_in_candidates() -> list[Path]:
-    out: list[Path] = []
-    for root in (pack_root(False), pack_root(True)):
-        if root.parent.name == "custom_nodes":
-            cand = root.parent.parent
-            if cand not in out:
-                out.append(cand)
-    return out
-
-
-def find_comfyui() -> Path | None:
-    """Return the ComfyUI folder to use, or None (see the module doc for the order)."""
-    env = os.environ.get("COMFYUI_PATH", "").strip()
-    if env:
-        p = Path(env).expanduser()
-        if is_comfyui_dir(p):
-            return p.absolute()
-        logger.warning(
-            "COMFYUI_PATH=%s is not a ComfyUI folder (no main.py and comfy/ there); "
-            "fix or unset it.", env)
-        return None
-    for cand in _installed_in_candidates():
-        if is_comfyui_dir(cand):
-            return cand.absolute()
-    default = DEFAULT_COMFYUI.expanduser()
-    if is_comfyui_dir(default):
-        return default.absolute()
-    return None
-
-
-def comfyui_version(path: str | os.PathLike) -> str:
-    """The ``__version__`` in ``<path>/comfyui_version.py`` (read, not imported)."""
-    f = Path(path).expanduser() / "comfyui_version.py"
-    try:
-        text = f.read_text(encoding="utf-8")
-    except OSError:
-        return "unknown"
-    m = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)
-    return m.group(1) if m else "unknown"
-
-
-def has_cli_flag(path: str | os.PathLike, flag: str) -> bool:
-    """Whether ComfyUI at ``path`` knows the command-line flag (e.g. ``--whitelist-custom-nodes``)."""
-    try:
-        text = (Path(path).expanduser() / "comfy" / "cli_args.py").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return re.search(r"""['"]%s['"]""" % re.escape(flag), text) is not None
 
 
 # --------------------------------------------------------------------------- boot
@@ -218,7 +116,7 @@ def boot_comfyui(
     temp_dir: str | os.PathLike | None = None,
     input_dir: str | os.PathLike | None = None,
     user_dir: str | os.PathLike | None = None,
-    extra_model_paths: str | os.PathLike | None = None,
+    extra_model_paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     load_custom_nodes: bool | Iterable[str | os.PathLike] = False,
     load_builtin_nodes: bool = False,
 ) -> ComfyInfo:
@@ -229,7 +127,9 @@ def boot_comfyui(
     when torch sees no CUDA/MPS/XPU device. ``extra_args`` are more ComfyUI
     command-line arguments (parsed by ComfyUI's own parser, as ``main.py`` does).
     The directory arguments call ``folder_paths.set_*_directory`` (applied on
-    every call); ``extra_model_paths`` loads an extra_model_paths.yaml.
+    every call); ``extra_model_paths`` loads an extra_model_paths.yaml, or each of a
+    list of them (as ``--extra-model-paths-config``; on every call). The first boot
+    loads ``<ComfyUI>/extra_model_paths.yaml`` when present, as main.py does.
     ``load_custom_nodes``: True loads this pack as a custom node (as ComfyUI
     would); an iterable loads those custom-node folders. ``load_builtin_nodes``
     loads ComfyUI's comfy_extras nodes. See :func:`load_nodes`.
@@ -274,9 +174,8 @@ def boot_comfyui(
             os.makedirs(user_dir, exist_ok=True)
             folder_paths.set_user_directory(os.path.abspath(user_dir))
         if extra_model_paths is not None:
-            import utils.extra_config  # ComfyUI's
-
-            utils.extra_config.load_extra_path_config(str(extra_model_paths))
+            single = isinstance(extra_model_paths, (str, os.PathLike))
+            apply_model_paths(configs=[extra_model_paths] if single else extra_model_paths)
 
         if load_custom_nodes or load_builtin_nodes:
             if load_custom_nodes is True:
@@ -346,9 +245,28 @@ def _boot(path: Path | None, cpu: bool | None, extra_args: Sequence[str]) -> Com
     import comfy.utils  # noqa: F401
     import comfy.sd  # noqa: F401
 
+    # main.py's model folders: <ComfyUI>/extra_model_paths.yaml, then --extra-model-paths-config files
+    apply_model_paths(path, itertools.chain(*(comfy.cli_args.args.extra_model_paths_config or [])))
     info = _describe(path, cpu_flag=bool(cpu))
     logger.info("Booted ComfyUI %s from %s on %s", info.version, info.path, info.device)
     return info
+
+
+def apply_model_paths(comfyui_path: str | os.PathLike | None = None,
+                      configs: Iterable[str | os.PathLike] = ()) -> None:
+    """Add model folders to ComfyUI's folder_paths as main.py does at start:
+    ``<comfyui_path>/extra_model_paths.yaml`` when present, then each file of ``configs``
+    (read by ComfyUI's own loader). Raises :class:`AFAError` naming a missing file."""
+    import utils.extra_config  # ComfyUI's
+
+    default = Path(comfyui_path) / "extra_model_paths.yaml" if comfyui_path is not None else None
+    files = ([default] if default is not None and default.is_file() else []) + [Path(p).expanduser() for p in configs]
+    for path in files:
+        if not path.is_file():
+            raise AFAError(f"extra model paths file not found: {path}")
+    for path in files:
+        utils.extra_config.load_extra_path_config(str(path))
+        logger.info("model folders from %s", path)
 
 
 # -------------------------------------------------------------------------- nodes
@@ -429,44 +347,3 @@ def load_nodes(custom_nodes: Iterable[str | os.PathLike] = (), builtin: bool = F
             if hook_breaker is not None:
                 hook_breaker.restore_functions()
     return nodes.NODE_CLASS_MAPPINGS
-
-
-# ---------------------------------------------------------------------------- CLI
-def _cli_logging() -> None:
-    if any(getattr(h, "_afa_cli", False) for h in logger.handlers):
-        return
-    out = logging.StreamHandler(sys.stdout)
-    out.setLevel(logging.INFO)
-    out.addFilter(lambda r: r.levelno < logging.WARNING)
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
-    for h in (out, err):
-        h.setFormatter(logging.Formatter("%(message)s"))
-        h._afa_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(h)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m afa_nodes.comfy_env",
-                                 description="Find the ComfyUI that ComfyUI-AFA uses.")
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--find", action="store_true", help="print the ComfyUI folder (default)")
-    g.add_argument("--version", action="store_true", help="print the ComfyUI version")
-    g.add_argument("--how-to", action="store_true", help="print how to get ComfyUI")
-    ns = ap.parse_args(argv)
-    _cli_logging()
-    if ns.how_to:
-        logger.info("%s", HOW_TO_GET_COMFYUI)
-        return 0
-    path = find_comfyui()
-    if path is None:
-        logger.error("%s", HOW_TO_GET_COMFYUI)
-        return 1
-    logger.info("%s", comfyui_version(path) if ns.version else path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

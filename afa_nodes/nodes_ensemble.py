@@ -38,8 +38,9 @@ def load_aggregator_by_name(name):
     return load_aggregator(folder_paths.get_full_path_or_raise("afa", name))
 
 
-def _files_fingerprint(folder, names):
-    """IS_CHANGED: re-run when a chosen file is overwritten (ComfyUI caches by inputs)."""
+def files_fingerprint(folder, names):
+    """name:size:mtime of each chosen file, so a result is redone when a file is overwritten
+    (the nodes' IS_CHANGED: ComfyUI caches by inputs; the studio's model cache)."""
     out = []
     for name in names:
         if name and name != NONE:
@@ -88,7 +89,7 @@ class AFAEnsembleLoader:
     @classmethod
     def IS_CHANGED(cls, aggregator, **kwargs):
         ckpts = [kwargs.get(f"ckpt_{i}") for i in range(1, MAX_MODELS + 1)]
-        return _files_fingerprint("checkpoints", ckpts) + "#" + _files_fingerprint("afa", [aggregator])
+        return files_fingerprint("checkpoints", ckpts) + "#" + files_fingerprint("afa", [aggregator])
 
     def load(self, aggregator, mode, weights, model_index, map_refresh=1, **ckpts):
         names = [ckpts[f"ckpt_{i}"] for i in range(1, MAX_MODELS + 1) if ckpts.get(f"ckpt_{i}") not in (None, NONE)]
@@ -168,7 +169,7 @@ class AFALoadAggregator:
 
     @classmethod
     def IS_CHANGED(cls, aggregator):
-        return _files_fingerprint("afa", [aggregator])
+        return files_fingerprint("afa", [aggregator])
 
     def load(self, aggregator):
         return (load_aggregator_by_name(aggregator),)

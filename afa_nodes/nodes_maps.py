@@ -22,14 +22,8 @@ from PIL import Image
 from . import logger
 from .core import map_render
 from .core.errors import AFAError
-from .core.map_recorder import (
-    MapRecorder,
-    StepSelection,
-    get_run,
-    map_payload,
-    parse_points,
-    run_info,
-)
+from .core.map_recorder import MapRecorder, get_run, map_payload, run_info
+from .core.map_selection import StepSelection, parse_points
 from .ensemble_model import require_ensemble, with_recorder
 
 CATEGORY = "AFA"

@@ -56,6 +56,21 @@ def aggregator_save_path(save_name: str) -> Path:
     return Path(folder_paths.get_folder_paths("afa")[0]) / f"{name}.safetensors"
 
 
+def train_arguments(dataset_folder, save_name, steps, batch_size, learning_rate, resolution, seed, save_every,
+                    resume, gradient_checkpointing, caption_dropout, validation_fraction, gradient_accumulation=1,
+                    crop="center", crop_variants=DEFAULT_CROP_VARIANTS, buckets=False):
+    """The options of AFA Train Aggregator (its widget inputs) -> (TrainConfig, the other keywords of
+    train_from_comfy: the checked dataset folder and aggregator path included). The node and AFA
+    Studio's Train tab both train through this."""
+    config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=gradient_accumulation, lr=learning_rate,
+                         seed=seed, save_every=save_every, caption_dropout=caption_dropout,
+                         gradient_checkpointing=gradient_checkpointing)
+    host = {"dataset_folder": resolve_dataset_folder(dataset_folder), "out_path": aggregator_save_path(save_name),
+            "resolution": resolution, "val_fraction": validation_fraction, "resume": resume, "crop": crop,
+            "crop_variants": crop_variants, "buckets": buckets}
+    return config, host
+
+
 def render_loss_curve(history, val_history, title="AFA aggregator training", size=CURVE_SIZE) -> torch.Tensor:
     """Train loss (line) and validation loss (dots) per step -> IMAGE [1, H, W, 3] float 0..1."""
     w, h = size
@@ -177,16 +192,10 @@ class AFATrainAggregator:
                 digest.update(f"{root}/{f}:{st.st_size}:{st.st_mtime_ns}".encode())
         return digest.hexdigest()
 
-    def train(self, model, clip, vae, dataset_folder, steps, batch_size, learning_rate, resolution, seed, save_name,
-              save_every, resume, gradient_checkpointing, caption_dropout, validation_fraction,
-              gradient_accumulation=1, crop="center", crop_variants=DEFAULT_CROP_VARIANTS, buckets=False,
-              unique_id=None):
-        folder = resolve_dataset_folder(dataset_folder)
-        out_path = aggregator_save_path(save_name)
-        config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=gradient_accumulation, lr=learning_rate,
-                             seed=seed, save_every=save_every, caption_dropout=caption_dropout,
-                             gradient_checkpointing=gradient_checkpointing)
-        pbar = comfy.utils.ProgressBar(steps)
+    def train(self, model, clip, vae, dataset_folder, unique_id=None, **options):
+        config, host = train_arguments(dataset_folder, **options)
+        out_path = host["out_path"]
+        pbar = comfy.utils.ProgressBar(config.steps)
         state = {"stop": False, "last_text": 0.0}
 
         def status(text):
@@ -205,10 +214,8 @@ class AFATrainAggregator:
                 state["last_text"] = now
                 status(f"step {step}/{total}  loss {loss:.5f}")
 
-        result = train_from_comfy(model, clip, vae, folder, out_path, config, resolution=resolution,
-                                  val_fraction=validation_fraction, resume=resume, should_stop=should_stop,
-                                  progress=progress, status=status, crop=crop, crop_variants=crop_variants,
-                                  buckets=buckets)
+        result = train_from_comfy(model, clip, vae, config=config, should_stop=should_stop, progress=progress,
+                                  status=status, **host)
         if result.stopped:
             logger.info("AFA training cancelled at step %d; %s can be resumed", result.step, out_path)
             comfy.model_management.throw_exception_if_processing_interrupted()

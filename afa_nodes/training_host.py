@@ -9,7 +9,7 @@ one tensor at a time is duplicated while swapping).
 
 Data: images -> VAE latents (raw, cached) -> `process_latent_in` of expert 1; captions -> the
 (per-model) CLIP, split per model with `split_per_model`. Both are cached under
-`<dataset>/.afa_cache` (see core.dataset), keyed by the encoders' weights. Captions are cut
+`<dataset>/.afa_cache` (see core.encode_cache), keyed by the encoders' weights. Captions are cut
 to the first 77 tokens (one CLIP chunk) so every sample has the same context shape.
 Crops: center, or `crop_variants` seeded random crops per training image cached once (each
 epoch picks one); validation always uses the center crop. Aspect-ratio buckets (optional):
@@ -33,8 +33,8 @@ import comfy.model_sampling
 
 from . import logger
 from .core.aggregator_file import file_sha256, load_aggregator
-from .core.dataset import (CachedLatentDataset, ImageDataset, build_latent_cache, build_text_cache,
-                           split_indices)
+from .core.dataset import ImageDataset, split_indices
+from .core.encode_cache import CachedLatentDataset, build_latent_cache, build_text_cache
 from .core.errors import AFAError, DatasetError, TrainingError
 from .core.train import Comm, NoiseSchedule, TrainConfig, TrainData, TrainResult, train_aggregator
 from .ensemble_model import ComfyExpert, require_ensemble, split_adm, split_per_model

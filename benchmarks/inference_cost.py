@@ -1,19 +1,34 @@
 """Per-step cost of an AFA ensemble vs the sum of N single-model steps (issue: benchmarks).
 
 SD1.5 architecture at full size (random weights: timing does not need trained ones),
-one sampling step = one UNet call at batch 2 (CFG). For each N the AFA step and the N
-single steps are measured interleaved in one process, repeated, and medians compared.
+one sampling step = one UNet call at batch 2 (CFG). For each N, these run interleaved in
+one process, repeated, and their medians are compared with N single-model steps:
+    block-wise average   the block-by-block executor with constant weights (no aggregator):
+                         the cost of running N UNets block by block and mixing them
+    SABW                 the paper-size aggregator at every block, every step
+    SABW map_refresh k   the aggregator runs on one step in k (maps re-used in between);
+                         timed over k consecutive steps of one run, divided by k
+The aggregator's own time is measured inside the run, per latent resolution.
+`--clock cpu` times process CPU seconds instead of wall seconds: on a shared machine it
+is far less disturbed by other jobs (use with --threads 1). `--memory` measures peak RSS
+of each configuration in its own subprocess.
 
-    python benchmarks/inference_cost.py                 # 256 px, N = 2, 3
-    python benchmarks/inference_cost.py --size 512 --models 2 3 --repeats 5
-    python benchmarks/inference_cost.py --quick         # tiny UNet, smoke test
+    python benchmarks/inference_cost.py                       # 256 px, N = 2, 3
+    python benchmarks/inference_cost.py --size 512 --repeats 3
+    python benchmarks/inference_cost.py --threads 1 --clock cpu
+    python benchmarks/inference_cost.py --unet-attention pytorch  # UNets on scaled_dot_product_attention
+    python benchmarks/inference_cost.py --memory --models 1 2 3
+    python benchmarks/inference_cost.py --quick               # tiny UNet, smoke test
 """
 import argparse
+import collections
 import datetime
+import json
 import logging
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,83 +53,198 @@ def build_unet(config, seed):
     return unet
 
 
-def build_afa_step(unets, aggregator_config):
-    """A callable running one AFA UNet call exactly as the DIFFUSION_MODEL wrapper does."""
-    from afa_nodes.core.ensemble import EnsembleExecutor, SABWMixer
-    from afa_nodes.core.layout import derive_layout
-    from afa_nodes.core.sabw import Aggregator, SABWConfig, count_parameters
-    from afa_nodes.ensemble_model import ComfyExpert, ComfyHooks
-    layout = derive_layout(unets[0])
-    agg = Aggregator(layout.point_channels, SABWConfig(len(unets), **aggregator_config)).eval().requires_grad_(False)
+def build_aggregator(layout, n, aggregator_config):
+    from afa_nodes.core.sabw import Aggregator, SABWConfig
+    agg = Aggregator(layout.point_channels, SABWConfig(n, **aggregator_config)).eval().requires_grad_(False)
     with torch.no_grad():
         for block in agg.blocks:
             block.conv_out.weight.normal_(0, 0.1)  # non-uniform weights: the real work
-    executor = EnsembleExecutor(layout, SABWMixer(agg))
-    spent = [0.0]  # seconds inside the aggregator: where the overhead goes
-    forward = agg.forward
-
-    def timed_forward(*args):
-        start = time.perf_counter()
-        out = forward(*args)
-        spent[0] += time.perf_counter() - start
-        return out
-    agg.forward = timed_forward
-
-    def step(x, t, c):
-        experts = [ComfyExpert(u, {}, x, {}) for u in unets]
-        return executor(experts, x, t, [c] * len(unets), None, ComfyHooks(None, {}))
-    return step, count_parameters(agg), spent
+    return agg
 
 
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+class AggregatorClock:
+    """Wraps the aggregator's forward to add up its own time per latent side (e.g. 32 at 256 px)."""
+
+    def __init__(self, agg, clock):
+        self.seconds = collections.Counter()
+        self.clock, forward = clock, agg.forward
+
+        def timed_forward(point, features, temb, context):
+            start = clock()
+            out = forward(point, features, temb, context)
+            self.seconds[features.shape[-1]] += clock() - start
+            return out
+        agg.forward = timed_forward
+
+    def reset(self):
+        self.seconds.clear()
 
 
-def main(argv=None):
+def afa_step(unets, mixer, steps=1):
+    """A callable running `steps` consecutive AFA UNet calls (sigma falling, one run) exactly as
+    the DIFFUSION_MODEL wrapper does; returns seconds per call."""
+    from afa_nodes.core.ensemble import EnsembleExecutor
+    from afa_nodes.core.layout import derive_layout
+    from afa_nodes.ensemble_model import ComfyExpert, ComfyHooks
+    executor = EnsembleExecutor(derive_layout(unets[0]), mixer)
+
+    def run(x, t, c):
+        for k in range(steps):
+            experts = [ComfyExpert(u, {}, x, {}) for u in unets]
+            executor(experts, x, t, [c] * len(unets), None, ComfyHooks(None, {}), step=(10.0 - k, (0, 1)))
+    return run
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--models", type=int, nargs="+", default=[2, 3])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--refresh", type=int, nargs="*", default=[2, 3], help="map_refresh values to time")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    p.add_argument("--unet-attention", choices=["comfy-default", "pytorch"], default="comfy-default",
+                   help="the UNets' attention: ComfyUI's default for the device (sub-quadratic on CPU) or "
+                        "--use-pytorch-cross-attention (scaled_dot_product_attention). The aggregator always "
+                        "uses scaled_dot_product_attention.")
+    p.add_argument("--memory", action="store_true", help="peak RSS per configuration (subprocesses)")
+    p.add_argument("--probe", choices=["single", "afa"], help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="tiny UNet, 64 px, 2 repeats (smoke test)")
     p.add_argument("--comfyui", default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return p.parse_args(argv)
+
+
+def setup(args):
     from afa_nodes.comfy_env import boot_comfyui
-    boot_comfyui(args.comfyui)
+    boot_comfyui(args.comfyui, extra_args=["--use-pytorch-cross-attention"] if args.unet_attention == "pytorch" else ())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = SD15_TINY if args.quick else SD15_FULL
-    size, repeats = (64, 2) if args.quick else (args.size, args.repeats)
+    size = 64 if args.quick else args.size
     agg_config = dict(hidden=32, heads=4, depth=1) if args.quick else {}  # paper size by default
     unets = [build_unet(config, seed) for seed in range(max(args.models))]
     torch.manual_seed(0)
-    x = torch.randn(2, 4, size // 8, size // 8)
-    t = torch.tensor([500.0, 500.0])
-    c = torch.randn(2, 77, 768)
+    inputs = (torch.randn(2, 4, size // 8, size // 8), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768))
+    return unets, size, agg_config, inputs
+
+
+def time_steps(args, unets, agg_config, inputs):
+    from afa_nodes.core.ensemble import SABWMixer, uniform_mixer
+    from afa_nodes.core.layout import derive_layout
+    from afa_nodes.core.sabw import count_parameters
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    layout = derive_layout(unets[0])
     rows = []
+    x, t, c = inputs
+    for n in args.models:
+        if n < 2:
+            continue
+        agg = build_aggregator(layout, n, agg_config)
+        spent = AggregatorClock(agg, clock)
+        variants = {"block-wise average": (afa_step(unets[:n], uniform_mixer(len(layout.points), n)), 1),
+                    "SABW": (afa_step(unets[:n], SABWMixer(agg)), 1)}
+        for k in args.refresh:
+            variants[f"SABW map_refresh {k}"] = (afa_step(unets[:n], SABWMixer(agg, refresh_every=k), k), k)
+
+        def singles(models=unets[:n]):
+            for u in models:
+                u(x, t, context=c, transformer_options={})
+        for fn, _ in variants.values():  # warm-up
+            fn(x, t, c)
+        singles()
+        times = {name: [] for name in ["N single steps", *variants]}
+        agg_share = collections.Counter()
+        for r in range(args.repeats):  # interleaved, order rotated: the machine's noise hits all alike
+            names = list(times)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                spent.reset()
+                start = clock()
+                if name == "N single steps":
+                    singles()
+                    times[name].append(clock() - start)
+                else:
+                    fn, k = variants[name]
+                    fn(x, t, c)
+                    times[name].append((clock() - start) / k)
+                    if name == "SABW":
+                        agg_share.update({side: s / times[name][-1] for side, s in spent.seconds.items()})
+        base = statistics.median(times["N single steps"])
+        share = {side: v / args.repeats for side, v in agg_share.items()}
+        for name, values in times.items():
+            rows.append(dict(n=n, variant=name, seconds=statistics.median(values),
+                             ratio=statistics.median(values) / base,
+                             aggregator_share=sum(share.values()) if name == "SABW" else None,
+                             share_by_side=share if name == "SABW" else None, params=count_parameters(agg)))
+    return rows
+
+
+def probe_memory(args):
+    """Subprocess body: build N UNets, run one step of `args.probe`, report RSS in MB as JSON."""
+    from afa_nodes.core.ensemble import SABWMixer
+    from afa_nodes.core.layout import derive_layout
+    unets, size, agg_config, (x, t, c) = setup(args)
+    n = args.models[0]
+    agg = build_aggregator(derive_layout(unets[0]), n, agg_config) if args.probe == "afa" else None
+    weights = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with torch.inference_mode():
-        for n in args.models:
-            afa_step, params, spent = build_afa_step(unets[:n], agg_config)
-            afa_step(x, t, c)  # warm-up
-            unets[0](x, t, context=c, transformer_options={})
-            spent[0] = 0.0
-            afa, single = [], []
-            for _ in range(repeats):  # interleaved: the machine's noise hits both alike
-                afa.append(timed(lambda: afa_step(x, t, c)))
-                single.append(sum(timed(lambda u=u: u(x, t, context=c, transformer_options={})) for u in unets[:n]))
-            a, s = statistics.median(afa), statistics.median(single)
-            unet_mb = sum(p.numel() * p.element_size() for u in unets[:n] for p in u.parameters()) / 2**20
-            rows.append((n, size, a, s, a / s, params, spent[0] / sum(afa), unet_mb, params * 4 / 2**20))
-    header = ("| N | px | AFA step s (median) | N single steps s (median) | ratio | aggregator share of AFA time "
-              "| N UNets weights MB | aggregator MB (params) |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {px} | {a:.3f} | {s:.3f} | {r:.3f} | {share:.1%} | {umb:.0f} | {amb:.0f} ({params:,}) |"
-              for n, px, a, s, r, params, share, umb, amb in rows]
-    lines.append(f"peak RSS of the whole run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        if args.probe == "afa":
+            afa_step(unets, SABWMixer(agg))(x, t, c)
+        else:
+            for u in unets:
+                u(x, t, context=c, transformer_options={})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.stdout.write(json.dumps(dict(weights=weights, peak=peak)) + "\n")
+
+
+def measure_memory(args):
+    rows = []
+    for n in args.models:
+        for kind in (["single"] if n == 1 else ["single", "afa"]):
+            cmd = [sys.executable, __file__, "--probe", kind, "--models", str(n), "--size", str(args.size)]
+            cmd += ["--quick"] * args.quick + (["--comfyui", args.comfyui] if args.comfyui else [])
+            cmd += ["--unet-attention", args.unet_attention] + (["--threads", str(args.threads)] if args.threads else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(dict(n=n, kind=kind, **json.loads(done.stdout.strip().splitlines()[-1])))
+    return rows
+
+
+def report(args, size, rows, memory):
+    lines = []
+    if rows:
+        lines += [f"| N | px | variant | s/step ({args.clock}, median) | ratio vs N single steps | "
+                  "aggregator share of the step |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            share = "" if r["aggregator_share"] is None else f"{r['aggregator_share']:.1%} (" + ", ".join(
+                f"{side}x{side}: {v:.1%}" for side, v in sorted(r["share_by_side"].items(), reverse=True)) + ")"
+            lines.append(f"| {r['n']} | {size} | {r['variant']} | {r['seconds']:.3f} | {r['ratio']:.3f} | {share} |")
+        params = sorted({(r["n"], r["params"]) for r in rows})
+        lines.append("aggregator parameters: " + ", ".join(f"N={n}: {p:,} ({p * 4 / 2**20:.0f} MB fp32)"
+                                                          for n, p in params))
+    if memory:
+        lines += ["", "| N | px | run | RSS after loading MB | peak RSS MB | peak - loaded MB |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {m['n']} | {size} | {'AFA (SABW)' if m['kind'] == 'afa' else 'N single models'} | "
+                  f"{m['weights']:.0f} | {m['peak']:.0f} | {m['peak'] - m['weights']:.0f} |" for m in memory]
+    lines.append(f"UNet attention: {args.unet_attention}; aggregator attention: scaled_dot_product_attention")
     logger.info("\n".join(lines))
     logger.info("command: python benchmarks/inference_cost.py %s | %s, torch %s, %d threads, %s",
-                " ".join(argv if argv is not None else sys.argv[1:]), platform.processor() or platform.machine(),
-                torch.__version__, torch.get_num_threads(), datetime.date.today())
+                " ".join(sys.argv[1:]), platform.processor() or platform.machine(), torch.__version__,
+                torch.get_num_threads(), datetime.date.today())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.probe:
+        return probe_memory(args)
+    if args.quick:
+        args.repeats = 2
+    if args.memory:
+        return report(args, 64 if args.quick else args.size, [], measure_memory(args))
+    unets, size, agg_config, inputs = setup(args)
+    with torch.inference_mode():
+        rows = time_steps(args, unets, agg_config, inputs)
+    report(args, size, rows, None)
     return rows
 
 

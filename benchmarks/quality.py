@@ -46,6 +46,7 @@ H = W = 16
 CONTEXT_DIM, TOKENS = 32, 4
 KINDS = ("blobs", "stripes", "both")
 SECTION = "## Quality (held-out epsilon MSE)"
+PICTURE_SAMPLES = 6
 
 UNET = dict(image_size=H, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
             channel_mult=[1, 2], num_heads=4, num_head_channels=-1, use_spatial_transformer=True,
@@ -70,6 +71,14 @@ VARIANTS = [  # (key, label)
     ("sabw_no_text", "SABW without text input (trained)"),
     ("sabw_full", "AFA full SABW (trained)"),
 ]
+# Denoising: held-out latents noised to T_START, sampled back with Euler in S steps; x0-MSE.
+# map_refresh k re-uses the trained SABW's maps for k steps (the inference speed option).
+DENOISE_VARIANTS = [("expert1", "expert 1 alone"), ("expert2", "expert 2 alone"), ("noise_avg", "noise averaging"),
+                    ("block_avg", "block-wise averaging"), ("sabw_full", "AFA full SABW"),
+                    ("sabw_full_r2", "AFA full SABW, map_refresh 2"), ("sabw_full_r3", "AFA full SABW, map_refresh 3")]
+DENOISE_STEPS = (4, 10)
+DENOISE_SAMPLES = 48  # the first held-out samples (a sampling run costs `steps` evaluations)
+T_START = 600
 
 
 # ---------------------------------------------------------------- data
@@ -182,11 +191,11 @@ def make_mixer(key, layout, n, seed):
     return mixer, list(agg.parameters())
 
 
-def run_ensemble(executor, unets, x_in, t, ctx):
+def run_ensemble(executor, unets, x_in, t, ctx, step=None):
     from afa_nodes.core.ensemble import Hooks
     from afa_nodes.ensemble_model import ComfyExpert
     experts = [ComfyExpert(u, {}, x_in, {}) for u in unets]
-    return executor(experts, x_in, t, [ctx] * len(unets), None, Hooks())
+    return executor(experts, x_in, t, [ctx] * len(unets), None, Hooks(), step=step)
 
 
 def train_mixer(params, executor, unets, schedule, latents, kinds, ctx_table, steps, batch, lr, seed):
@@ -218,6 +227,41 @@ def evaluate(executor, unets, val, ctx_table, bs=64):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def denoise(executor, unets, schedule, val, ctx_table, steps, seed):
+    """Per-sample x0-MSE after noising the held-out latents to T_START and sampling back with
+    Euler (sigma space) in `steps` steps; returns (mse, final latents)."""
+    x0, kinds = val[0][:DENOISE_SAMPLES], val[1][:DENOISE_SAMPLES]
+    ts = torch.linspace(T_START, 0, steps).round().long()
+    sigmas = torch.cat([schedule.sigmas[ts], torch.zeros(1)])
+    x = x0 + sigmas[0] * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    for i in range(steps):
+        sigma = sigmas[i].expand(len(x))
+        eps = run_ensemble(executor, unets, schedule.model_input(sigma, x), ts[i].float().expand(len(x)),
+                           ctx_table[kinds], step=(float(sigmas[i]), ("val",)))
+        x = x + eps * (sigmas[i + 1] - sigmas[i])
+    return (x - x0).square().flatten(1).mean(1), x
+
+
+def denoise_all(executors, unets, schedule, val, ctx_table, seed):
+    """{variant: {steps: mean x0-MSE}} and the 10-step latents of the first samples (for a picture)."""
+    from afa_nodes.core.ensemble import EnsembleExecutor, SABWMixer
+    full = executors["sabw_full"].mixer
+    executors = dict(executors)
+    for k in (2, 3):
+        executors[f"sabw_full_r{k}"] = EnsembleExecutor(executors["sabw_full"].layout,
+                                                         SABWMixer(full.aggregator, refresh_every=k))
+    out, pictures = {}, {}
+    for key, _ in DENOISE_VARIANTS:
+        models = [unets[int(key[-1]) - 1]] if key.startswith("expert") else unets
+        out[key] = {}
+        for steps in DENOISE_STEPS:
+            mse, x = denoise(executors[key], models, schedule, val, ctx_table, steps, seed)
+            out[key][steps] = float(mse.mean())
+            pictures[key] = x[:PICTURE_SAMPLES]
+    return out, pictures
+
+
 def run_seed(seed, cfg, schedule, ctx_table):
     from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
     from afa_nodes.core.layout import derive_layout
@@ -243,32 +287,63 @@ def run_seed(seed, cfg, schedule, ctx_table):
     logger.info("  seed %d: base + experts trained in %.0f s", seed, t_experts)
     layout = derive_layout(unets[0])
     n, points = len(unets), len(layout.points)
-    losses = {}
+    losses, executors = {}, {}
     for i in range(n):
-        losses[f"expert{i + 1}"] = evaluate(EnsembleExecutor(layout, uniform_mixer(points, 1)), [unets[i]], val,
-                                            ctx_table)
+        executors[f"expert{i + 1}"] = EnsembleExecutor(layout, uniform_mixer(points, 1))
+        losses[f"expert{i + 1}"] = evaluate(executors[f"expert{i + 1}"], [unets[i]], val, ctx_table)
     for key, _ in VARIANTS[n:]:
         mixer, params = make_mixer(key, layout, n, seed)
-        executor = EnsembleExecutor(layout, mixer)
+        executors[key] = executor = EnsembleExecutor(layout, mixer)
         train_mixer(params, executor, unets, schedule, latents, kinds, ctx_table, cfg["agg_steps"],
                     cfg["agg_batch"], cfg["agg_lr"], seed * 1000 + 20)
         losses[key] = evaluate(executor, unets, val, ctx_table)
         logger.info("  seed %d %s: %.4f (%.0f s)", seed, key, float(losses[key].mean()), time.perf_counter() - t0)
+    denoised, pictures = denoise_all(executors, unets, schedule, val, ctx_table, seed * 1000 + 30)
     logger.info("seed %d: base loss %.4f, experts %.0f s, total %.0f s; %s", seed, base_loss, t_experts,
                 time.perf_counter() - t0, ", ".join(f"{k} {float(v.mean()):.4f}" for k, v in losses.items()))
-    return {k: {"all": float(v.mean()), **{KINDS[j]: float(v[v_kinds == j].mean()) for j in range(len(KINDS))}}
-            for k, v in losses.items()}
+    scores = {k: {"all": float(v.mean()), **{KINDS[j]: float(v[v_kinds == j].mean()) for j in range(len(KINDS))}}
+              for k, v in losses.items()}
+    return dict(eps=scores, denoise=denoised, pictures=dict(pictures, clean=v_lat[:PICTURE_SAMPLES]))
 
 
 # ---------------------------------------------------------------- report
 def summarize(per_seed):
     rows = []
     for key, label in VARIANTS:
-        vals = [r[key]["all"] for r in per_seed]
+        vals = [r["eps"][key]["all"] for r in per_seed]
         rows.append(dict(key=key, label=label, mean=statistics.mean(vals),
                          std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                         **{k: statistics.mean(r[key][k] for r in per_seed) for k in KINDS}))
+                         **{k: statistics.mean(r["eps"][key][k] for r in per_seed) for k in KINDS}))
     return rows
+
+
+def denoise_markdown(per_seed):
+    def cell(key, steps):
+        vals = [r["denoise"][key][steps] for r in per_seed]
+        return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.4f}"
+    lines = ["| variant | " + " | ".join(f"x0-MSE after {s} Euler steps" for s in DENOISE_STEPS) + " |",
+             "|---|" + "---|" * len(DENOISE_STEPS)]
+    lines += [f"| {label} | " + " | ".join(cell(key, s) for s in DENOISE_STEPS) + " |" for key, label in DENOISE_VARIANTS]
+    return "\n".join(lines)
+
+
+def draw_samples(pictures, path):
+    """Rows: clean held-out latents, then each variant's 10-step result. Latent channels 0, 2, 3 as RGB."""
+    from PIL import Image, ImageDraw
+    keys = ["clean"] + [k for k, _ in DENOISE_VARIANTS]
+    labels = dict(DENOISE_VARIANTS, clean="held-out latent (target)")
+    cell, left = 4 * H, 230
+    img = Image.new("RGB", (left + PICTURE_SAMPLES * (cell + 4), len(keys) * (cell + 4) + 4), "white")
+    d = ImageDraw.Draw(img)
+    for row, key in enumerate(keys):
+        y = 4 + row * (cell + 4)
+        d.text((6, y + cell // 2 - 6), labels[key], fill="black")
+        for col, latent in enumerate(pictures[key]):
+            rgb = ((latent[[0, 2, 3]].clamp(-2, 2) + 2) / 4 * 255).byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(rgb).resize((cell, cell), Image.NEAREST)
+            img.paste(tile, (left + col * (cell + 4), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
 
 
 def markdown(rows, seeds):
@@ -354,7 +429,7 @@ def main(argv=None):
     schedule, ctx_table = NoiseSchedule.scaled_linear(), caption_table()
     per_seed = [run_seed(s, cfg, schedule, ctx_table) for s in cfg["seeds"]]
     rows = summarize(per_seed)
-    table = markdown(rows, cfg["seeds"])
+    table = markdown(rows, cfg["seeds"]) + "\n\n" + denoise_markdown(per_seed)
     verdict = ordering_verdict(rows)
     runtime = time.perf_counter() - start
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -364,14 +439,18 @@ def main(argv=None):
     logger.info("\n%s\n\n%s\nruntime %.0f s", table, verdict, runtime)
     if png is not None:
         draw_png(rows, png, f"AFA ablations, synthetic latents, {len(cfg['seeds'])} seeds ({datetime.date.today()})")
-        logger.info("plot: %s", png)
+        draw_samples(per_seed[0]["pictures"], png.with_name("quality_samples.png"))
+        logger.info("plot: %s, samples: %s", png, png.with_name("quality_samples.png"))
     if md is not None:
         body = (f"Command: `{command.strip()}`  \nMachine: {machine}  \nDate: {datetime.date.today()}, "
                 f"runtime {runtime / 60:.1f} min  \nSettings: {settings}  \n"
                 "Synthetic 4x16x16 latents (blobs top / stripes bottom / both), 2 experts fine-tuned from a "
                 "shared tiny base UNet (expert 1 mostly blobs, expert 2 mostly stripes); aggregators hidden 32, "
                 "4 heads, depth 1, same budget each. Per-kind columns are means over seeds. "
-                "Plot: benchmarks/results/quality.png\n\n" + table + "\n\n" + verdict)
+                f"Second table: the first {DENOISE_SAMPLES} held-out latents noised to t={T_START} and denoised with Euler in "
+                f"{' or '.join(map(str, DENOISE_STEPS))} steps (x0-MSE, lower is better); map_refresh k re-uses the "
+                "maps for k steps. Plot: benchmarks/results/quality.png; samples (first seed, 10 steps; latent "
+                "channels 0/2/3 as RGB): benchmarks/results/quality_samples.png\n\n" + table + "\n\n" + verdict)
         write_section(md, body)
         logger.info("updated %s", md)
     return dict(rows=rows, table=table, verdict=verdict, per_seed=per_seed, runtime=runtime)

@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-ComfyUI is found with :func:`afa_nodes.comfy_env.find_comfyui` ($COMFYUI_PATH, the
+ComfyUI is found with :func:`afa_nodes.comfy_find.find_comfyui` ($COMFYUI_PATH, the
 ComfyUI this pack is installed in, ~/comfy/ComfyUI). Where there is none, every
 test that needs it is SKIPPED with the instructions to get one; all other tests
 still run.
@@ -47,7 +47,7 @@ for _p in (str(REPO_ROOT), str(TESTS_DIR)):
         sys.path.insert(0, _p)
 
 from afa_nodes import comfy_env  # noqa: E402
-from afa_nodes.comfy_env import HOW_TO_GET_COMFYUI  # noqa: E402
+from afa_nodes.comfy_find import HOW_TO_GET_COMFYUI, find_comfyui  # noqa: E402
 
 SD15_COUNT = 3
 SDXL_COUNT = 2
@@ -55,7 +55,7 @@ SDXL_COUNT = 2
 
 def require_comfyui() -> Path:
     """The ComfyUI folder, or skip the calling test with the how-to-get-it message."""
-    path = comfy_env.find_comfyui()
+    path = find_comfyui()
     if path is None:
         env = os.environ.get("COMFYUI_PATH")
         prefix = f"COMFYUI_PATH={env} is not a ComfyUI folder. " if env else ""

@@ -19,8 +19,18 @@ def run(*args):
 
 def test_inference_cost_quick(comfyui_path):
     out = run("inference_cost.py", "--quick", "--comfyui", str(comfyui_path))
-    rows = re.findall(r"^\| (\d) \| 64 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
-    assert [r[0] for r in rows] == ["2", "3"] and all(float(r[3]) > 0 for r in rows)
+    rows = re.findall(r"^\| (\d) \| 64 \| ([^|]+?) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
+    variants = {(n, v) for n, v, _, _ in rows}
+    for n in "23":
+        assert {(n, "N single steps"), (n, "SABW"), (n, "block-wise average"), (n, "SABW map_refresh 2")} <= variants
+    assert all(float(s) > 0 and float(r) > 0 for _, _, s, r in rows)
+    assert re.search(r"SABW \| [\d.]+ \| [\d.]+ \| \d+\.\d% \(8x8", out)
+
+
+def test_inference_memory_quick(comfyui_path):
+    out = run("inference_cost.py", "--quick", "--memory", "--models", "2", "--comfyui", str(comfyui_path))
+    rows = re.findall(r"^\| 2 \| 64 \| (AFA \(SABW\)|N single models) \| (\d+) \| (\d+) \|", out, re.M)
+    assert len(rows) == 2 and all(int(peak) >= int(loaded) > 0 for _, loaded, peak in rows)
 
 
 def test_recording_overhead_quick(comfyui_path):

@@ -1,4 +1,4 @@
-"""Tests for afa_nodes.core.dataset (host-free: tiny PIL images in tmp_path)."""
+"""Tests for afa_nodes.core.dataset and core.encode_cache (host-free: tiny PIL images in tmp_path)."""
 import json
 import logging
 
@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from afa_nodes.core import dataset as ds
-from afa_nodes.core.dataset import (CachedLatentDataset, ImageDataset, build_latent_cache,
-                                    build_text_cache, load_image, make_buckets, split_indices,
-                                    to_model_pixels)
+from afa_nodes.core import encode_cache
+from afa_nodes.core.dataset import ImageDataset, load_image, make_buckets, split_indices, to_model_pixels
+from afa_nodes.core.encode_cache import CachedLatentDataset, build_latent_cache, build_text_cache
 from afa_nodes.core.errors import AFAError, DatasetError
 
 
@@ -282,7 +282,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ds, "save_file", broken_save)
+    monkeypatch.setattr(encode_cache, "save_file", broken_save)
     with pytest.raises(OSError):
         build_latent_cache(d, Encoder(), "k2", tmp_path / "c")
     after = [p for p in (tmp_path / "c").rglob("*") if p.is_file()]

@@ -9,15 +9,8 @@ from test_core import TOY_LAYOUT, ToyExpert
 
 from afa_nodes.core.ensemble import EnsembleExecutor, SABWMixer
 from afa_nodes.core.errors import AFAError
-from afa_nodes.core.map_recorder import (
-    MapRecorder,
-    StepSelection,
-    get_run,
-    map_payload,
-    parse_points,
-    run_info,
-    schedule_step,
-)
+from afa_nodes.core.map_recorder import MapRecorder, get_run, map_payload, run_info, schedule_step
+from afa_nodes.core.map_selection import StepSelection, parse_points
 from afa_nodes.core.sabw import Aggregator, SABWConfig
 
 NAMES = ["a.safetensors", "b.safetensors", "c.safetensors"]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from toy_dataset import make_dataset
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]  # gradio's own pandas deprecations
@@ -25,18 +26,6 @@ SMALL = dict(width=64, height=64, steps=2, cfg=2.0, prompt="a red picture", nega
 TRAIN = dict(dataset_folder=DATASET, steps=2, batch_size=2, learning_rate=1e-3, resolution=64, save_every=0,
              validation_fraction=0.34, gradient_checkpointing=False)
 ENDPOINTS = {"/generate", "/maps", "/train_start", "/train_stop", "/status", "/refresh"}
-
-
-def make_dataset(folder: Path, n=6, size=64):
-    """Captioned toy images (red or blue noise) for a few training steps."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for k in range(n):
-        base = np.array([255, 40, 40] if k % 2 else [40, 40, 255], dtype=np.float32)
-        Image.fromarray(np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)).save(
-            folder / f"img_{k}.png")
-        (folder / f"img_{k}.txt").write_text("a red picture" if k % 2 else "a blue picture")
-    return folder
 
 
 @contextlib.contextmanager
@@ -281,19 +270,23 @@ def test_cli_subcommand_boots_comfyui_and_serves_on_localhost(studio_cli, sd15_c
 # ---------------------------------------------------------------- training
 def test_train_tab_follows_the_node_inputs(comfy):
     """Every option of AFA Train Aggregator reaches TrainConfig or train_from_comfy, checked like the node."""
-    import dataclasses
+    import inspect
 
     from afa_nodes.core.errors import AFAError
-    from afa_nodes.core.train import TrainConfig
-    from afa_nodes.nodes_train import AFATrainAggregator
-    from afa_nodes.studio.training import CONFIG_FIELDS, check_options, host_arguments, option_specs
+    from afa_nodes.nodes_train import AFATrainAggregator, train_arguments
+    from afa_nodes.studio.training import check_options, option_specs
+    from afa_nodes.training_host import train_from_comfy
     node = AFATrainAggregator.INPUT_TYPES()
     assert set(option_specs()) == (set(node["required"]) | set(node.get("optional", {}))) - {"model", "clip", "vae"}
-    assert set(CONFIG_FIELDS.values()) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(inspect.signature(train_arguments).parameters) == set(option_specs())
+    make_dataset(comfy.input_dir / DATASET)
     options = check_options({"dataset_folder": DATASET, "steps": 7.0})
     assert options["steps"] == 7 and options["save_name"] == node["required"]["save_name"][1]["default"]
-    host = host_arguments(options)
+    config, host = train_arguments(**options)
+    assert config.steps == 7 and config.lr == options["learning_rate"]
     assert host["val_fraction"] == options["validation_fraction"] and "resume" in host and "steps" not in host
+    assert host["dataset_folder"] == comfy.input_dir / DATASET and host["out_path"].name == "afa_aggregator.safetensors"
+    assert {"config", *host} <= set(inspect.signature(train_from_comfy).parameters)
     for bad, message in (({"steps": 0}, "between 1 and"), ({"steps": 2.5}, "whole number"),
                          ({"warp_drive": True}, "unknown training option")):
         with pytest.raises(AFAError, match=message):

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 from browser import ARTIFACTS
-from test_studio import DATASET, make_dataset, serve_studio
+from test_studio import DATASET, serve_studio
+from toy_dataset import make_dataset
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]  # gradio's own pandas deprecations

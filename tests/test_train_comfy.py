@@ -7,10 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from toy_dataset import make_dataset
 
 from afa_nodes.core.aggregator_file import file_sha256, load_aggregator
 from afa_nodes.core.errors import DatasetError, TrainingError
@@ -20,22 +19,6 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = dict(steps=3, batch_size=2, learning_rate=1e-3, resolution=64, seed=0, save_every=2, resume=False,
                   gradient_checkpointing=False, caption_dropout=0.1, validation_fraction=0.34)
-
-
-
-
-def make_dataset(folder: Path, n=6, size=64, aspect=False):
-    """n noisy red/blue images; `aspect`: pairs of wide (5:2) and tall (2:5) images instead of squares."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for k in range(n):
-        base = np.array([255, 40, 40] if k % 2 else [40, 40, 255], dtype=np.float32)
-        long = 5 * size // 2
-        shape = ((size, long) if (k // 2) % 2 == 0 else (long, size)) if aspect else (size, size)
-        pixels = np.clip(base + rng.normal(0, 40, shape + (3,)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"img_{k}.png")
-        (folder / f"img_{k}.txt").write_text("a red picture" if k % 2 else "a blue picture")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +285,7 @@ def test_server_prompt_trains_and_cancel_leaves_a_resumable_file(server, sd15_ch
 # ---------------------------------------------------------------------------------- CLI
 def cli(args, tmp, *, nproc=1, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    from afa_nodes.comfy_env import find_comfyui
+    from afa_nodes.comfy_find import find_comfyui
     env["COMFYUI_PATH"] = str(find_comfyui())
     launch = [sys.executable, "-m", "afa_nodes"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "afa_nodes"]

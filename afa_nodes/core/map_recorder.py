@@ -7,13 +7,10 @@ recording off costs nothing). It keeps one `MapRun` per sampling run: the host c
 a copy of the output latent so a viewer can prove that maps and latent belong together
 (`find_run`).
 
-Selection and limits, all resolved before sampling:
-  points  "all", "1, 24", "0-11", names ("middle", "final", "input 3", "output 10") or
-          stages ("input" = every input point, "output" = every output point + final)
-  steps   "all", "every K" (0, K, 2K, ... and the last), "last K", or indices "0, 5, 10-12"
-  memory  maps area-pooled to `max_side`, stored fp16 on the CPU, at most `cap_mb` MB over
-          the runs one recorder keeps (older finished runs are dropped first; then the
-          current run stops recording, with one warning in the log)
+Points and steps to record are chosen by `map_selection`, before sampling. Memory: maps
+are area-pooled to `max_side`, stored fp16 on the CPU, at most `cap_mb` MB over the runs
+one recorder keeps (older finished runs are dropped first; then the current run stops
+recording, with one warning in the log).
 
 Rows of one UNet call are grouped per conditioning entry (ComfyUI's calc_cond_batch):
 transformer_options["cond_or_uncond"][k] (0 cond, 1 uncond) owns rows [k*B, (k+1)*B).
@@ -25,7 +22,6 @@ corrector, conds split over calls) keep the first map recorded for that step.
 from __future__ import annotations
 
 import base64
-import re
 import threading
 import time
 import uuid
@@ -38,120 +34,11 @@ import torch
 from afa_nodes import logger
 from afa_nodes.core.errors import AFAError
 from afa_nodes.core.map_render import _LUT, PALETTE, RecordedMaps
+from afa_nodes.core.map_selection import StepSelection, parse_points
 
 BRANCHES = {0: "cond", 1: "uncond"}
 MAX_RUNS = 8            # runs one recorder keeps (older ones are dropped first)
 _SIGMA_RTOL = 1e-4
-
-
-# ---------------------------------------------------------------- selection
-def parse_points(spec: str, point_names: list[str]) -> list[int]:
-    """Point indices (sorted, unique) for a spec such as "all", "1, 24", "0-11", "middle",
-    "input 3", "output". AFAError names the valid points when one does not exist."""
-    n = len(point_names)
-    lookup = {_norm(name): i for i, name in enumerate(point_names)}
-    stages = {"input": [i for i, p in enumerate(point_names) if p.startswith("input")],
-              "output": [i for i, p in enumerate(point_names) if p.startswith("output") or p == "final"]}
-    chosen: set[int] = set()
-    for token in re.split(r"[,;]", spec or ""):
-        t = _norm(token)
-        if not t:
-            continue
-        if t == "all":
-            chosen.update(range(n))
-        elif t in stages:
-            chosen.update(stages[t])
-        elif t in lookup:
-            chosen.add(lookup[t])
-        elif re.fullmatch(r"\d+", t):
-            chosen.add(_check_index(int(t), point_names))
-        elif re.fullmatch(r"\d+-\d+", t):
-            a, b = (int(v) for v in t.split("-"))
-            if a > b:
-                raise AFAError(f"point range '{token.strip()}' runs backwards; write it as {b}-{a}.")
-            chosen.update(_check_index(i, point_names) for i in range(a, b + 1))
-        else:
-            raise AFAError(f"unknown aggregation point '{token.strip()}'. {describe_points(point_names)}")
-    if not chosen:
-        raise AFAError(f"no aggregation point chosen (got '{spec}'). {describe_points(point_names)}")
-    return sorted(chosen)
-
-
-def _norm(text: str) -> str:
-    t = re.sub(r"[\s_]+", " ", text.strip().lower())
-    return re.sub(r"^(input|output)\s*(\d+)$", r"\1 \2", t)
-
-
-def _check_index(i: int, point_names: list[str]) -> int:
-    if not 0 <= i < len(point_names):
-        raise AFAError(f"aggregation point {i} does not exist. {describe_points(point_names)}")
-    return i
-
-
-def describe_points(point_names: list[str]) -> str:
-    """'This model has 25 aggregation points, 0-24: input 0-11 = 0-11, middle = 12, ...'"""
-    parts, i = [], 0
-    while i < len(point_names):
-        stage = point_names[i].split(" ")[0]
-        j = i
-        while j + 1 < len(point_names) and point_names[j + 1].split(" ")[0] == stage and " " in point_names[j + 1]:
-            j += 1
-        if j > i:
-            parts.append(f"{stage} {point_names[i].split(' ')[1]}-{point_names[j].split(' ')[1]} = {i}-{j}")
-        else:
-            parts.append(f"{point_names[i]} = {i}")
-        i = j + 1
-    return (f"This model has {len(point_names)} aggregation points, 0-{len(point_names) - 1}: "
-            + ", ".join(parts) + "; or 'all', 'input', 'output'.")
-
-
-@dataclass(frozen=True)
-class StepSelection:
-    """Which sampler steps to record: kind "all" | "every" | "last" | "list"."""
-    kind: str = "all"
-    k: int = 0
-    indices: frozenset = frozenset()
-    text: str = "all"
-
-    @classmethod
-    def parse(cls, spec: str) -> StepSelection:
-        t = re.sub(r"\s+", " ", (spec or "all").strip().lower())
-        if t in ("", "all"):
-            return cls()
-        m = re.fullmatch(r"(every|last) (\d+)", t)
-        if m:
-            k = int(m.group(2))
-            if k < 1:
-                raise AFAError(f"steps '{spec}': K must be at least 1.")
-            return cls(m.group(1), k, text=t)
-        indices = set()
-        for token in t.split(","):
-            token = token.strip()
-            if re.fullmatch(r"\d+", token):
-                indices.add(int(token))
-            elif re.fullmatch(r"\d+ ?- ?\d+", token):
-                a, b = (int(v) for v in token.split("-"))
-                indices.update(range(min(a, b), max(a, b) + 1))
-            elif token:
-                raise AFAError(f"cannot read steps '{spec}': use 'all', 'every K', 'last K' or step "
-                               "indices such as '0, 5, 10-12' (0 = the first step).")
-        if not indices:
-            raise AFAError(f"no steps chosen (got '{spec}').")
-        return cls("list", indices=frozenset(indices), text=t)
-
-    def wants(self, step: int, total: int | None) -> bool:
-        """total: the run's number of steps, None when unknown ("last K" is then pruned at the end)."""
-        if self.kind == "every":
-            return step % self.k == 0 or (total is not None and step == total - 1)
-        if self.kind == "last":
-            return total is None or step >= total - self.k
-        if self.kind == "list":
-            return step in self.indices
-        return True
-
-    def missing(self, total: int) -> list[int]:
-        """Chosen step indices that a run of `total` steps does not have."""
-        return sorted(i for i in self.indices if i >= total) if self.kind == "list" else []
 
 
 # ---------------------------------------------------------------- runs

@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import os
 import signal
-from pathlib import Path
 
 from .. import logger
 from ..core.errors import AFAError
@@ -35,18 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="ComfyUI's output directory (images go to its afa_studio/ subfolder)")
 
 
-def apply_model_paths(comfyui_path, extra_yamls=()):
-    """What ComfyUI's main.py does at start: <ComfyUI>/extra_model_paths.yaml, then the given files."""
-    import utils.extra_config  # ComfyUI's
-
-    default = Path(comfyui_path) / "extra_model_paths.yaml"
-    for path in ([default] if default.is_file() else []) + [Path(p).expanduser() for p in extra_yamls]:
-        if not path.is_file():
-            raise AFAError(f"extra model paths file not found: {path}")
-        utils.extra_config.load_extra_path_config(str(path))
-        logger.info("model folders from %s", path)
-
-
 def run(args) -> int:
     if importlib.util.find_spec("gradio") is None:
         logger.error("AFA Studio needs gradio: pip install gradio (or pip install -r requirements.txt).")
@@ -60,8 +47,8 @@ def run(args) -> int:
 
 def _serve(args) -> int:
     from ..comfy_env import boot_comfyui
-    info = boot_comfyui(args.comfyui, output_dir=args.output_directory, input_dir=args.input_directory)
-    apply_model_paths(info.path, args.extra_model_paths_config)
+    info = boot_comfyui(args.comfyui, output_dir=args.output_directory, input_dir=args.input_directory,
+                        extra_model_paths=args.extra_model_paths_config)
     import folder_paths
 
     from .. import nodes  # noqa: F401  (registers models/afa, as loading the pack does)

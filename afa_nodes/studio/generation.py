@@ -9,7 +9,6 @@ equivalent ComfyUI API graph, so dropping the file on ComfyUI loads the workflow
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import contextmanager
@@ -17,10 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 import comfy.sd
 import comfy.utils
@@ -28,10 +24,10 @@ import folder_paths
 import nodes
 
 from .. import logger
-from ..core.aggregator_file import atomic_write
 from ..core.errors import AFAError
+from ..core.image_file import save_png
 from ..ensemble_model import MAX_MODELS
-from ..nodes_ensemble import AFAEnsembleLoader, _files_fingerprint
+from ..nodes_ensemble import AFAEnsembleLoader, files_fingerprint
 from ..nodes_maps import record
 from . import catalog
 from .maps_view import MapsView
@@ -125,8 +121,8 @@ class ModelCache:
         self._ensemble, self._bases = None, {}
 
     def ensemble(self, req: GenerateRequest):
-        key = (_files_fingerprint("checkpoints", req.checkpoints), tuple(req.checkpoints),
-               _files_fingerprint("afa", [req.aggregator]), req.aggregator, req.mode, req.weights, req.model_index)
+        key = (files_fingerprint("checkpoints", req.checkpoints), tuple(req.checkpoints),
+               files_fingerprint("afa", [req.aggregator]), req.aggregator, req.mode, req.weights, req.model_index)
         if self._ensemble is None or self._ensemble[0] != key:
             self._ensemble = None  # free the old one before loading the new one
             ckpts = {f"ckpt_{i + 1}": name for i, name in enumerate(req.checkpoints)}
@@ -136,7 +132,7 @@ class ModelCache:
         return self._ensemble[1]
 
     def base(self, name: str):
-        key = _files_fingerprint("checkpoints", [name])
+        key = files_fingerprint("checkpoints", [name])
         if name not in self._bases or self._bases[name][0] != key:
             path = folder_paths.get_full_path_or_raise("checkpoints", name)
             loaded = comfy.sd.load_checkpoint_guess_config(
@@ -197,7 +193,7 @@ def generate(request: GenerateRequest, cache: ModelCache, progress: Optional[Pro
         graph = comfy_prompt(req)
         for b in range(images.shape[0]):
             path = out_dir / f"{prefix}_ensemble_{b}.png"
-            save_png(images[b], path, dict(settings, image="ensemble", batch_index=b), graph)
+            save_png(images[b], path, {"afa": dict(settings, image="ensemble", batch_index=b), "prompt": graph})
             result.pictures.append(Picture(path, _ensemble_caption(req, b)))
         if recorder is not None:
             result.maps = MapsView(recorder.find_run(samples), images, f"{req.mode}, seed {req.seed}")
@@ -212,7 +208,8 @@ def generate(request: GenerateRequest, cache: ModelCache, progress: Optional[Pro
             graph = comfy_prompt(req, base=name)
             for b in range(base_images.shape[0]):
                 path = out_dir / f"{prefix}_base{i + 1}_{b}.png"
-                save_png(base_images[b], path, dict(settings, image=f"base: {name}", batch_index=b), graph)
+                save_png(base_images[b], path, {"afa": dict(settings, image=f"base: {name}", batch_index=b),
+                                                 "prompt": graph})
                 result.pictures.append(Picture(path, f"base model {i + 1}: {name}" + _nth(req, b)))
     result.seconds = time.monotonic() - started
     logger.info("AFA Studio: generated %d image(s) in %.1f s into %s", len(result.pictures), result.seconds, out_dir)
@@ -249,18 +246,6 @@ def _output_prefix(req: GenerateRequest):
     folder, filename, counter, _, _ = folder_paths.get_save_image_path(OUTPUT_PREFIX, out, req.width, req.height)
     os.makedirs(folder, exist_ok=True)
     return Path(folder), f"{filename}_{counter:05}"
-
-
-def save_png(image: torch.Tensor, path: Path, settings: dict, graph: Optional[dict] = None) -> Path:
-    """IMAGE [H, W, 3] 0..1 -> PNG with "afa" (settings JSON) and "prompt" (ComfyUI API graph)
-    text chunks, written under a temporary name and renamed."""
-    pixels = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    info = PngInfo()
-    info.add_text("afa", json.dumps(settings))
-    if graph is not None:
-        info.add_text("prompt", json.dumps(graph))
-    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info))
-    return path
 
 
 def comfy_prompt(req: GenerateRequest, base: Optional[str] = None) -> dict:

@@ -1,10 +1,10 @@
 """Train tab back end: one aggregator training in a worker thread, polled by the UI.
 
 Mirrors the AFA Train Aggregator node: the same inputs (their names, defaults, limits and
-tooltips are read from the node's INPUT_TYPES, so the tab follows the node), the same
-dataset rule (`resolve_dataset_folder`: a subfolder of ComfyUI's input directory), the
-same file (`aggregator_save_path`: models/afa/<save name>.safetensors + .train-state) and
-the same call (`train_from_comfy`). The models come from AFA Ensemble Loader in mode
+tooltips are read from the node's INPUT_TYPES, so the tab follows the node), turned into
+the trainer's arguments by the node's own `train_arguments` (the dataset is a subfolder of
+ComfyUI's input directory; the file is models/afa/<save name>.safetensors + .train-state),
+and the same call (`train_from_comfy`). The models come from AFA Ensemble Loader in mode
 'block-wise average', as in the node's example workflow.
 
 Stop sets a flag that the trainer polls before every step; it then saves the aggregator
@@ -14,7 +14,6 @@ it back from there.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import threading
@@ -27,21 +26,14 @@ from safetensors import safe_open
 
 from .. import logger
 from ..core.errors import AFAError, TrainingError
-from ..core.train import TrainConfig, state_path
+from ..core.train import state_path
 from ..nodes_ensemble import NONE, AFAEnsembleLoader
-from ..nodes_train import AFATrainAggregator, aggregator_save_path, resolve_dataset_folder
+from ..nodes_train import AFATrainAggregator, train_arguments
 from ..training_host import train_from_comfy
 from . import catalog
 from .jobs import TRAINING, Job, JobBoard, format_duration
 
 SOCKETS = ("model", "clip", "vae")   # node inputs the studio fills itself
-PATHS = ("dataset_folder", "save_name")
-# node option -> TrainConfig field (as AFATrainAggregator.train builds its config)
-CONFIG_FIELDS = {"steps": "steps", "batch_size": "batch_size", "gradient_accumulation": "grad_accum",
-                 "learning_rate": "lr", "seed": "seed", "save_every": "save_every",
-                 "caption_dropout": "caption_dropout", "gradient_checkpointing": "gradient_checkpointing"}
-# node option -> train_from_comfy keyword where the names differ; other options pass by their own name
-HOST_NAMES = {"validation_fraction": "val_fraction"}
 
 
 def option_specs() -> dict:
@@ -84,21 +76,6 @@ def _checked(name, kind, opts, value):
     return value
 
 
-def host_arguments(options: dict) -> dict:
-    """The train_from_comfy keywords for the checked options (all but the config and the paths)."""
-    accepted = inspect.signature(train_from_comfy).parameters
-    out = {}
-    for name, value in options.items():
-        if name in CONFIG_FIELDS or name in PATHS:
-            continue
-        key = HOST_NAMES.get(name, name)
-        if key not in accepted:
-            raise AFAError(f"the studio cannot pass the trainer option '{name}' yet (train_from_comfy has no "
-                           f"'{key}'); update the studio.")
-        out[key] = value
-    return out
-
-
 @dataclass
 class TrainSnapshot:
     """What the Train tab shows; `version` changes whenever anything in it changes."""
@@ -137,11 +114,8 @@ class TrainingRun:
     def __init__(self, checkpoints, options: dict, board: JobBoard):
         self.checkpoints = catalog.check_checkpoints(checkpoints)
         self.options = check_options(options)
-        o = self.options
-        self.folder = resolve_dataset_folder(o["dataset_folder"])
-        self.out_path = aggregator_save_path(o["save_name"])
-        self.config = TrainConfig(**{field_: o[name] for name, field_ in CONFIG_FIELDS.items()})
-        self.host_args = host_arguments(o)
+        self.config, self.host_args = train_arguments(**self.options)
+        self.out_path = self.host_args["out_path"]
         self.board = board
         self.job: Optional[Job] = None
         self._lock = threading.Lock()
@@ -203,9 +177,8 @@ class TrainingRun:
             if clip is None:
                 raise TrainingError(f"{', '.join(self.checkpoints)}: a checkpoint has no text encoder (CLIP); "
                                     "training needs full checkpoints.")
-            result = train_from_comfy(model, clip, vae, self.folder, self.out_path, self.config,
-                                      should_stop=self._stop.is_set, progress=self._progress, status=self._status,
-                                      **self.host_args)
+            result = train_from_comfy(model, clip, vae, config=self.config, should_stop=self._stop.is_set,
+                                      progress=self._progress, status=self._status, **self.host_args)
             if result.stopped:
                 message = (f"stopped at step {result.step}/{self.config.steps}: {self.out_path.name} holds the "
                            f"aggregator so far and {state_path(self.out_path).name} its resume state. Tick "
