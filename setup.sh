@@ -55,8 +55,8 @@ else
   "$PY" -m pip install "${TORCH_SPEC[@]}"
 fi
 
-# 2. pack requirements + pytest ------------------------------------------------------------
-"$PY" install.py
+# 2. pack requirements (+ the studio's gradio) + pytest ----------------------------------------
+"$PY" install.py -r requirements.txt -r requirements-studio.txt
 if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
   say "installing pytest"
   "$PY" -m pip install pytest
@@ -103,10 +103,5 @@ fi
 
 # 5. the main job --------------------------------------------------------------------------
 if [ "$GENERATE" = 1 ]; then
-  # TODO(engine): `python -m afa_nodes generate` is written separately; until it exists this is skipped.
-  if "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('afa_nodes.cli_generate') is None)" 2>/dev/null; then
-    "$PY" -m afa_nodes generate
-  else
-    say "TODO: python -m afa_nodes generate (not available yet)"
-  fi
+  "$PY" -m afa_nodes generate
 fi

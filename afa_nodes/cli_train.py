@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
-    parser.add_argument("--resolution", type=int, default=512, help="square training size in pixels (default 512)")
+    parser.add_argument("--resolution", type=int, default=512, help="training size in pixels (square; with --buckets, the area) (default 512)")
     parser.add_argument("--crop", choices=["center", "random"], default="center",
                         help="center crop, or seeded random crops (validation: always center; default center)")
     parser.add_argument("--crop-variants", type=int, default=4, metavar="K",
@@ -139,7 +139,11 @@ def _run(args, rank, world, local_rank) -> int:
                 bar.close()
         if rank == 0:
             logger.info("%s", result.report)
-            logger.info("%s %s (step %d)", "cancelled; resumable:" if result.stopped else "wrote", args.out, result.step)
+            if result.stopped and result.path is None:
+                logger.info("stopped before the first step: %s was not written", args.out)
+            else:
+                logger.info("%s %s (step %d)", "cancelled; resumable:" if result.stopped else "wrote", args.out,
+                            result.step)
         return EXIT_CANCELLED if result.stopped else 0
     finally:
         if world > 1 and torch.distributed.is_initialized():

@@ -25,6 +25,7 @@ import collections
 import datetime
 import json
 import logging
+import os
 import platform
 import resource
 import statistics
@@ -178,6 +179,15 @@ def time_steps(args, unets, agg_config, inputs):
     return rows
 
 
+def current_rss_mb():
+    """Resident memory now (Linux /proc), else the peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def probe_memory(args):
     """Subprocess body: build N UNets, run one step of `args.probe`, report RSS in MB as JSON."""
     from afa_nodes.core.ensemble import SABWMixer
@@ -185,7 +195,7 @@ def probe_memory(args):
     unets, size, agg_config, (x, t, c) = setup(args)
     n = args.models[0]
     agg = build_aggregator(derive_layout(unets[0]), n, agg_config) if args.probe == "afa" else None
-    weights = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    weights = current_rss_mb()
     with torch.inference_mode():
         if args.probe == "afa":
             afa_step(unets, SABWMixer(agg))(x, t, c)

@@ -147,6 +147,14 @@ def test_cancel_leaves_a_resumable_file(tmp_path):
     _assert_same_run(tmp_path / "straight.safetensors", tmp_path / "cancelled.safetensors")
 
 
+def test_stop_before_the_first_step_leaves_an_existing_file_untouched(tmp_path):
+    run(tmp_path, "kept.safetensors", steps=2)
+    before = (tmp_path / "kept.safetensors").read_bytes()
+    result = run(tmp_path, "kept.safetensors", steps=4, should_stop=lambda: True)
+    assert result.stopped and result.step == 0 and result.path is None
+    assert (tmp_path / "kept.safetensors").read_bytes() == before
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_file(tmp_path):
     exps = experts()
 

@@ -38,6 +38,17 @@ def file_sha256(path) -> str:
     return _hash_cache[key]
 
 
+def _read_umask() -> int:
+    """The process umask, read once at import: os.umask can only be read by setting it, which
+    would race with files created meanwhile by other threads (the studio trains in a thread)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path, write):
     """Call write(tmp_path) for a temp file beside `path`, then rename over it:
     a crash or a full disk never leaves a half-written file in place of a good one."""
@@ -47,9 +58,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

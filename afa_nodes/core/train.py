@@ -304,9 +304,17 @@ class AggregatorTrainer:
         val_every = cfg.val_every or cfg.save_every
         if self.step >= cfg.steps:
             logger.info("%s is already at step %d (>= %d steps): nothing to train", self.out_path, self.step, cfg.steps)
-        self.validate()
+        start = self.step
+        stop_now = self._agree(should_stop is not None and should_stop())
+        if not stop_now:
+            self.validate()
         while self.step < cfg.steps:
-            if self._agree(should_stop is not None and should_stop()):
+            if stop_now or self._agree(should_stop is not None and should_stop()):
+                if self.step == start:  # nothing trained in this run: leave any existing file as it is
+                    logger.info("training stopped before its first step; %s was not written", self.out_path)
+                    return TrainResult(aggregator=self.aggregator, step=self.step, stopped=True, history=self.history,
+                                       val_history=self.val_history, validation=self.validation,
+                                       metadata=self.metadata(False), path=None)
                 logger.info("training cancelled at step %d; %s is resumable", self.step, self.out_path)
                 return self._finish(finished=False, stopped=True)
             loss = self.compute_gradients()

@@ -255,11 +255,11 @@ def _maps_values(view, note: str = ""):
     point, step = _default_point(view.points), len(view.steps) - 1
     fig = view.render(point, step, "cond" if "cond" in view.branches else view.branches[0], 0)
     return [fig.caption,
-            gr.Slider(0, max(1, len(view.points) - 1), point, step=1,
+            gr.Slider(0, max(1, len(view.points) - 1), point, step=1, interactive=len(view.points) > 1,
                       label=f"aggregation point (0-{len(view.points) - 1}: {', '.join(view.points)})"),
-            gr.Slider(0, max(1, len(view.steps) - 1), step, step=1,
+            gr.Slider(0, max(1, len(view.steps) - 1), step, step=1, interactive=len(view.steps) > 1,
                       label=f"sampler step (0-{len(view.steps) - 1}, of the recorded steps)"),
-            gr.Slider(0, max(1, view.batch - 1), 0, step=1, label=f"image of the batch (0-{view.batch - 1})"),
+            gr.Slider(0, max(1, view.batch - 1), 0, step=1, interactive=view.batch > 1, label=f"image of the batch (0-{view.batch - 1})"),
             gr.Radio(view.branches, value="cond" if "cond" in view.branches else view.branches[0]),
             fig.per_model, fig.dominant, fig.overlay, fig.chart]
 

@@ -36,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args) -> int:
     if importlib.util.find_spec("gradio") is None:
-        logger.error("AFA Studio needs gradio: pip install gradio (or pip install -r requirements.txt).")
+        logger.error("AFA Studio needs gradio 6: pip install 'gradio>=6,<7'.")
+        return EXIT_ERROR
+    from importlib.metadata import version
+    if int(version("gradio").split(".")[0]) != 6:
+        logger.error("AFA Studio needs gradio 6, this environment has gradio %s: pip install 'gradio>=6,<7' "
+                     "(a separate venv keeps other tools' gradio as it is).", version("gradio"))
         return EXIT_ERROR
     try:
         return _serve(args)

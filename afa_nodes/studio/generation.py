@@ -196,7 +196,10 @@ def generate(request: GenerateRequest, cache: ModelCache, progress: Optional[Pro
             save_png(images[b], path, {"afa": dict(settings, image="ensemble", batch_index=b), "prompt": graph})
             result.pictures.append(Picture(path, _ensemble_caption(req, b)))
         if recorder is not None:
-            result.maps = MapsView(recorder.find_run(samples), images, f"{req.mode}, seed {req.seed}")
+            try:  # the images are saved: a maps problem (e.g. the recorder's memory cap) is only a note
+                result.maps = MapsView(recorder.find_run(samples), images, f"{req.mode}, seed {req.seed}")
+            except AFAError as e:
+                result.note = f"no attention maps: {e}"
         else:
             result.note = ("no attention maps: mode 'single model' mixes nothing." if req.record_maps
                            else "attention maps were not recorded (turn on 'record attention maps').")

@@ -2,7 +2,7 @@
 
 Generations and training share the models' memory (and, on a GPU, the device), and
 ComfyUI's memory manager is process-wide, so two jobs at once would slow each other
-down or run out of memory. Gradio's queue orders the requests of one kind
+down or run out of memory. Gradio's queue runs the job requests (generate, start training) one at a time
 (concurrency_limit=1); the `JobBoard` guards across kinds: a training job holds the
 board in its worker thread for as long as it runs, so a generation requested meanwhile
 is refused with a message saying what runs and how to free the studio.

@@ -61,16 +61,24 @@ def _checked(name, kind, opts, value):
         if value not in kind:
             raise AFAError(f"training option '{name}' must be one of {', '.join(map(str, kind))}, got {value!r}.")
         return value
-    if kind == "INT":
-        if float(value) != int(value):
-            raise AFAError(f"training option '{name}' must be a whole number, got {value}.")
-        value = int(value)
-    elif kind == "FLOAT":
-        value = float(value)
-    elif kind == "BOOLEAN":
-        return bool(value)
-    else:
-        return str(value)
+    try:
+        if kind == "INT":
+            if float(value) != int(value):
+                raise AFAError(f"training option '{name}' must be a whole number, got {value}.")
+            value = int(value)
+        elif kind == "FLOAT":
+            value = float(value)
+            if value != value:
+                raise ValueError("nan")
+        elif kind == "BOOLEAN":
+            if str(value).lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return str(value).lower() in ("true", "1")
+        else:
+            return str(value)
+    except (ValueError, TypeError, OverflowError):
+        what = {"INT": "a whole number", "FLOAT": "a number", "BOOLEAN": "true or false"}[kind]
+        raise AFAError(f"training option '{name}' must be {what}, got {value!r}.") from None
     if not opts.get("min", value) <= value <= opts.get("max", value):
         raise AFAError(f"training option '{name}' must be between {opts['min']} and {opts['max']}, got {value}.")
     return value
@@ -151,8 +159,12 @@ class TrainingRun:
         if already:
             return (f"Already stopping: the run stops before its next step (now at step {snap.step}/{snap.total}) "
                     f"and saves {self.out_path.name} with its resume state.")
-        self._update(state="stopping", message=f"stopping before step {snap.step + 1}; then "
-                                               f"{self.out_path.name} is saved with its resume state")
+        with self._lock:  # only a run still going becomes "stopping" (it may have just finished)
+            if self._snap.active:
+                self._snap.state = "stopping"
+                self._snap.message = (f"stopping before step {snap.step + 1}; then {self.out_path.name} "
+                                      "is saved with its resume state")
+                self._snap.version += 1
         return (f"Stopping: {self.out_path.name} and its resume state are saved before the next step "
                 f"(now at step {snap.step}/{snap.total}). Tick 'resume' and press Start to continue later.")
 
@@ -179,7 +191,9 @@ class TrainingRun:
                                     "training needs full checkpoints.")
             result = train_from_comfy(model, clip, vae, config=self.config, should_stop=self._stop.is_set,
                                       progress=self._progress, status=self._status, **self.host_args)
-            if result.stopped:
+            if result.stopped and result.path is None:
+                message = f"stopped before the first step: nothing trained, {self.out_path.name} was not written."
+            elif result.stopped:
                 message = (f"stopped at step {result.step}/{self.config.steps}: {self.out_path.name} holds the "
                            f"aggregator so far and {state_path(self.out_path).name} its resume state. Tick "
                            "'resume' and press Start to continue.")
