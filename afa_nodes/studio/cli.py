@@ -72,7 +72,10 @@ def _serve(args) -> int:
                 info.device)
     if public:
         logger.warning("--share: AFA Studio is ALSO public at %s (anyone with the link can use it).", public)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
+    # Ctrl-C and `kill` stop cleanly. SIGINT explicitly too: a process started in the background
+    # by a non-interactive shell inherits SIGINT as ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         demo.block_thread()  # returns on Ctrl-C, after closing the server
     finally:
