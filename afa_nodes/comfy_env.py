@@ -161,18 +161,13 @@ def boot_comfyui(
 
         import folder_paths  # noqa: E402  (ComfyUI module, on sys.path now)
 
-        if output_dir is not None:
-            os.makedirs(output_dir, exist_ok=True)
-            folder_paths.set_output_directory(os.path.abspath(output_dir))
-        if temp_dir is not None:
-            os.makedirs(temp_dir, exist_ok=True)
-            folder_paths.set_temp_directory(os.path.abspath(temp_dir))
-        if input_dir is not None:
-            os.makedirs(input_dir, exist_ok=True)
-            folder_paths.set_input_directory(os.path.abspath(input_dir))
-        if user_dir is not None:
-            os.makedirs(user_dir, exist_ok=True)
-            folder_paths.set_user_directory(os.path.abspath(user_dir))
+        for folder, set_directory in ((output_dir, folder_paths.set_output_directory),
+                                      (temp_dir, folder_paths.set_temp_directory),
+                                      (input_dir, folder_paths.set_input_directory),
+                                      (user_dir, folder_paths.set_user_directory)):
+            if folder is not None:
+                os.makedirs(folder, exist_ok=True)
+                set_directory(os.path.abspath(folder))
         if extra_model_paths is not None:
             single = isinstance(extra_model_paths, (str, os.PathLike))
             apply_model_paths(configs=[extra_model_paths] if single else extra_model_paths)
