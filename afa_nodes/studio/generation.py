@@ -171,9 +171,9 @@ class StageProgress:
             comfy.utils.set_progress_bar_global_hook(previous)
 
 
-def generate(request: GenerateRequest, cache: ModelCache, progress: Optional[Progress] = None) -> GenerationResult:
-    """Sample the ensemble (and each base model when `compare`), save the PNGs, keep the maps."""
-    req = request.checked()
+def generate(req: GenerateRequest, cache: ModelCache, progress: Optional[Progress] = None) -> GenerationResult:
+    """Sample the ensemble (and each base model when `compare`), save the PNGs, keep the maps.
+    `req` comes from `GenerateRequest.checked()` (Studio.generate validates before taking the board)."""
     started = time.monotonic()
     bases = list(dict.fromkeys(req.checkpoints)) if req.compare else []  # a checkpoint chosen twice runs once
     stages = ["AFA ensemble"] + [f"base model {i + 1}/{len(bases)} ({name})" for i, name in enumerate(bases)]
