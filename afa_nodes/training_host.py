@@ -37,7 +37,8 @@ from .core.dataset import ImageDataset, split_indices
 from .core.encode_cache import CachedLatentDataset, build_latent_cache, build_text_cache
 from .core.errors import AFAError, DatasetError, TrainingError
 from .core.train import Comm, NoiseSchedule, TrainConfig, TrainData, TrainResult, train_aggregator
-from .ensemble_model import ComfyExpert, require_ensemble, split_adm, split_per_model
+from .comfy_unet import ComfyExpert, split_adm, split_per_model
+from .ensemble_model import require_ensemble
 
 TOKENS = 77
 CACHE_DIR = ".afa_cache"

@@ -86,7 +86,7 @@ def afa_step(unets, mixer, steps=1):
     the DIFFUSION_MODEL wrapper does; returns seconds per call."""
     from afa_nodes.core.ensemble import EnsembleExecutor
     from afa_nodes.core.layout import derive_layout
-    from afa_nodes.ensemble_model import ComfyExpert, ComfyHooks
+    from afa_nodes.comfy_unet import ComfyExpert, ComfyHooks
     executor = EnsembleExecutor(derive_layout(unets[0]), mixer)
 
     def run(x, t, c):

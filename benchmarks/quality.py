@@ -193,7 +193,7 @@ def make_mixer(key, layout, n, seed):
 
 def run_ensemble(executor, unets, x_in, t, ctx, step=None):
     from afa_nodes.core.ensemble import Hooks
-    from afa_nodes.ensemble_model import ComfyExpert
+    from afa_nodes.comfy_unet import ComfyExpert
     experts = [ComfyExpert(u, {}, x_in, {}) for u in unets]
     return executor(experts, x_in, t, [ctx] * len(unets), None, Hooks(), step=step)
 

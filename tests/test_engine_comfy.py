@@ -70,7 +70,7 @@ def save_random_aggregator(env, afa_dir, model, n, name, zero=False, seed=0):
 def test_block_by_block_equals_comfy_unet_forward(env):
     from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
     from afa_nodes.core.layout import derive_layout
-    from afa_nodes.ensemble_model import ComfyExpert
+    from afa_nodes.comfy_unet import ComfyExpert
     torch.manual_seed(0)
     for name, ctx, y in ((env["sd15"][0], 768, None), (env["sdxl"][0], 2048, torch.randn(2, 2816))):
         unet = load(env, name)[0].model.diffusion_model
