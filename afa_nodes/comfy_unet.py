@@ -6,12 +6,12 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import apply_control, forward_timestep_embed
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
-from .core.ensemble import Hooks
+from .core.unet import UNetHooks
 from .core.errors import AFAError
 
 
 class ComfyExpert:
-    """core.ensemble.Expert for a ComfyUI UNetModel, with its own transformer_options copy
+    """core.unet.UNetExpert for a ComfyUI UNetModel, with its own transformer_options copy
     (own transformer_index, so block/index-keyed attention patches hit each UNet once)."""
 
     def __init__(self, unet, transformer_options, x, kwargs):
@@ -44,7 +44,7 @@ class ComfyExpert:
         return self.unet.out(h.type(self.dtype))
 
 
-class ComfyHooks(Hooks):
+class ComfyHooks(UNetHooks):
     """ControlNet residuals and block patches, applied ONCE per block to the mixed feature
     (per stream where the streams are not mixed). apply_control pops: call it once."""
 

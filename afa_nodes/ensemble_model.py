@@ -6,7 +6,7 @@ and the aggregator are `additional_models` of that clone, so ComfyUI's memory ma
 loads and offloads them together with it. Module references live in closures and
 attachments (never in model_options, which clone() deep-copies).
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -18,37 +18,40 @@ import comfy.patcher_extension
 
 from . import logger
 from .comfy_unet import ComfyExpert, ComfyHooks, split_adm, split_per_model
-from .core.ensemble import (EnsembleExecutor, SABWMixer, fixed_weights_mixer,
-                             noise_average_mixer, uniform_mixer)
+from .core.aggregator_file import check_fits
+from .core.ensemble import EnsembleExecutor, mixer_for
 from .core.errors import AFAError, IncompatibleModelsError
-from .core.layout import UNetLayout, check_same_layout, derive_layout
+from .core.layout import Layout, check_same_layout, derive_layout
+from .core.spec import EnsembleSpec, Mode, StepContext
 
 KEY = "afa"
-MODES = ["aggregator", "block-wise average", "noise average", "fixed weights", "single model"]
-MIN_MODELS, MAX_MODELS = 2, 6
 # Activation memory ComfyUI reserves, relative to one model: the stacked N features and
 # the aggregator's attention come on top of one UNet's activations.
 MEMORY_FACTOR = 2.0
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Ensemble:
     """Everything resolved once per MODEL; attached to the patcher under "afa"."""
     names: list
-    hashes: list
+    hashes: list                  # sha256 per expert, None where the file is unknown
+    sources: Optional[list]       # checkpoint paths when known (training hashes them)
     models: list                  # BaseModel per expert (repeats allowed: same checkpoint twice)
-    layout: UNetLayout
-    mode: str
+    layout: Layout
+    spec: EnsembleSpec            # checked
     mixer: object = None
     aggregator: Optional[torch.nn.Module] = None
     aggregator_patcher: object = None
-    single_index: int = 0
-    recorder: Optional[Callable] = None   # recorder(point, weights, transformer_options)
-    info: dict = field(default_factory=dict)
+    recorder: Optional[Callable] = None   # recorder(point, weights, ctx: StepContext)
 
     @property
     def num_models(self):
         return len(self.models)
+
+    @property
+    def mode(self) -> Mode:
+        return self.spec.mode
 
 
 def get_ensemble(model) -> Optional[Ensemble]:
@@ -63,42 +66,12 @@ def require_ensemble(model, what="this node") -> Ensemble:
     return ensemble
 
 
-def make_mixer(ensemble: Ensemble, weights=None):
-    layout, n = ensemble.layout, ensemble.num_models
-    points = len(layout.points)
-    if ensemble.mode == "aggregator":
-        return SABWMixer(ensemble.aggregator, refresh_every=ensemble.info.get("refresh_every", 1))
-    if ensemble.mode == "block-wise average":
-        return uniform_mixer(points, n)
-    if ensemble.mode == "noise average":
-        return noise_average_mixer(points, n)
-    if ensemble.mode == "fixed weights":
-        return fixed_weights_mixer(layout, parse_weights(weights or "", n))
-    return uniform_mixer(points, 1)  # single model: one expert runs, nothing to mix
-
-
-def parse_weights(text: str, n: int) -> dict:
-    """"0.6, 0.4" (all blocks) or "input: 1,0; middle: .5,.5; output: 0,1" -> {group: [w]}."""
-    groups = {}
-    text = text.strip() or ",".join(["1"] * n)
-    for part in text.split(";"):
-        name, _, values = part.rpartition(":")
-        name = name.strip().lower() or "all"
-        try:
-            w = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise AFAError(f"cannot read weights '{part.strip()}': write numbers separated by commas, "
-                           "e.g. '0.6, 0.4' or 'input: 1,0; middle: .5,.5; output: 0,1'.")
-        if len(w) != n:
-            raise AFAError(f"weights '{part.strip()}' give {len(w)} numbers for {n} models.")
-        if name not in ("all", "input", "middle", "output"):
-            raise AFAError(f"unknown block group '{name}' in weights: use input, middle or output.")
-        for g in (("input", "middle", "output") if name == "all" else (name,)):
-            groups[g] = w
-    missing = {"input", "middle", "output"} - set(groups)
-    if missing:
-        raise AFAError(f"weights give no values for {sorted(missing)}; give all three groups or one list.")
-    return groups
+def step_context(transformer_options: dict, recorder=None) -> StepContext:
+    """ComfyUI's per-call transformer_options -> the core's StepContext (the only place that reads them)."""
+    sigmas = transformer_options.get("sigmas")
+    sigma = None if sigmas is None else float(sigmas.max()) if isinstance(sigmas, torch.Tensor) else float(sigmas)
+    return StepContext(sigma=sigma, rows=tuple(transformer_options.get("cond_or_uncond") or (0,)),
+                       schedule=transformer_options.get("sample_sigmas"), recorder=recorder)
 
 
 def _diffusion_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
@@ -108,19 +81,12 @@ def _diffusion_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
         n = len(unets)
         contexts = split_per_model(context, n, ensemble.layout.context_dim, "the text context")
         ys = split_adm(y, n, ensemble.layout.adm_dim) if ensemble.layout.adm_dim else [y] * n
-        if ensemble.mode == "single model":
-            k = ensemble.single_index
+        if ensemble.mode is Mode.SINGLE_MODEL:
+            k = ensemble.spec.single_index
             unets, contexts, ys = [unets[k]], [contexts[k]], [ys[k]]
         experts = [ComfyExpert(u, transformer_options, x, kwargs) for u in unets]
-        recorder = None
-        if ensemble.recorder is not None:
-            def recorder(point, w):
-                ensemble.recorder(point, w, transformer_options)
-        step = None
-        if ensemble.info.get("refresh_every", 1) > 1 and "sigmas" in transformer_options:
-            step = (float(transformer_options["sigmas"].max()), tuple(transformer_options.get("cond_or_uncond", ())))
-        return executor_core(experts, x, timesteps, contexts, ys, ComfyHooks(control, transformer_options),
-                             recorder, step)
+        ctx = step_context(transformer_options, ensemble.recorder)
+        return executor_core(experts, x, timesteps, contexts, ys, ComfyHooks(control, transformer_options), ctx)
     return afa_diffusion_model
 
 
@@ -141,7 +107,7 @@ def _prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
 
 def install(patcher, ensemble: Ensemble):
     """(Re)install the ensemble on `patcher` (a clone): repeatable, removes before adding."""
-    ensemble.mixer = make_mixer(ensemble, ensemble.info.get("weights"))
+    ensemble.mixer = mixer_for(ensemble.spec, ensemble.layout, ensemble.num_models, ensemble.aggregator)
     executor_core = EnsembleExecutor(ensemble.layout, ensemble.mixer)
     for kind, fn in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _diffusion_wrapper(ensemble, executor_core)),
                      (comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, _prepare_sampling_wrapper)):
@@ -158,7 +124,7 @@ def with_recorder(model, recorder):
     return clone
 
 
-def aggregator_patcher(aggregator_file, layout: UNetLayout, dtype):
+def aggregator_patcher(aggregator_file, layout: Layout, dtype):
     """The aggregator as a ModelPatcher built from comfy.ops layers (low-VRAM streaming)."""
     module = aggregator_file.build(ops=comfy.ops.manual_cast, dtype=dtype)
     module.eval().requires_grad_(False)
@@ -167,18 +133,15 @@ def aggregator_patcher(aggregator_file, layout: UNetLayout, dtype):
         offload_device=comfy.model_management.unet_offload_device())
 
 
-def build_ensemble(patchers, names, hashes=None, mode="block-wise average", aggregator_file=None,
-                   weights="", single_index=1, sources=None, refresh_every=1):
-    """N ModelPatchers -> one AFA MODEL (a clone of the first). `single_index` is 1-based;
-    `sources` are the checkpoint paths when known (training hashes them); `refresh_every`
-    k > 1 re-uses the aggregator's maps for k steps (faster, approximate)."""
-    from .core.aggregator_file import check_fits
+def build_ensemble(patchers, names, spec: Optional[EnsembleSpec] = None, aggregator_file=None, hashes=None,
+                   sources=None):
+    """N ModelPatchers -> one AFA MODEL (a clone of the first). `spec` says how they are combined
+    (default: block-wise average; its checkpoints field is not read: the patchers are the models);
+    `aggregator_file` is the loaded file for mode AGGREGATOR; `hashes` (sha256 per expert) and
+    `sources` (paths) when known."""
     n = len(patchers)
-    if not MIN_MODELS <= n <= MAX_MODELS:
-        raise AFAError(f"an AFA ensemble needs {MIN_MODELS} to {MAX_MODELS} models, got {n}. "
-                       "Connect at least two checkpoints.")
-    if mode not in MODES:
-        raise AFAError(f"unknown mode '{mode}'; choose one of {MODES}.")
+    spec = spec or EnsembleSpec()
+    spec = replace(spec, aggregator=spec.aggregator or (aggregator_file.path if aggregator_file else None)).checked(n)
     hashes = list(hashes) if hashes else [None] * n
     for p, name in zip(patchers, names):
         if get_ensemble(p) is not None:
@@ -189,27 +152,30 @@ def build_ensemble(patchers, names, hashes=None, mode="block-wise average", aggr
     _check_same_prediction(patchers, names)
     layout = layouts[0]
     primary = patchers[0].clone()
-    ensemble = Ensemble(names=list(names), hashes=hashes, models=[p.model for p in patchers], layout=layout,
-                        mode=mode, single_index=single_index - 1,
-                        info={"weights": weights, "sources": list(sources) if sources else None,
-                              "refresh_every": max(1, int(refresh_every))})
-    if mode == "single model" and not 0 <= single_index - 1 < n:
-        raise AFAError(f"model index {single_index} is out of range: the ensemble has models 1 to {n}.")
+    ensemble = Ensemble(names=list(names), hashes=hashes, sources=list(sources) if sources else None,
+                        models=[p.model for p in patchers], layout=layout, spec=spec)
     extra = [p for p in unique if p.model is not primary.model]
-    if mode == "aggregator":
+    if spec.mode is Mode.AGGREGATOR:
         if aggregator_file is None:
             raise AFAError("mode 'aggregator' needs an aggregator file: pick one from models/afa, "
                            "or a training-free mode such as 'block-wise average'.")
         check_fits(aggregator_file, layout, names, hashes if all(hashes) else None)
-        dtype = primary.model_dtype()
-        dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-        ensemble.aggregator, ensemble.aggregator_patcher = aggregator_patcher(aggregator_file, layout, dtype)
+        ensemble.aggregator, ensemble.aggregator_patcher = aggregator_patcher(
+            aggregator_file, layout, aggregator_dtype(spec, primary.model_dtype()))
         extra.append(ensemble.aggregator_patcher)
     primary.set_additional_models(KEY, [p.clone() if p.model is not primary.model else p for p in extra])
     install(primary, ensemble)
     logger.info("AFA ensemble of %d models (%s), mode '%s', %d aggregation points",
-                n, ", ".join(names), mode, len(layout.points))
+                n, ", ".join(names), spec.mode.value, len(layout.points))
     return primary
+
+
+def aggregator_dtype(spec: EnsembleSpec, model_dtype) -> torch.dtype:
+    """The aggregator computes in the spec's precision, else in the experts' dtype (fp32 for
+    storage-only dtypes such as fp8)."""
+    if spec.precision in PRECISION_DTYPES:
+        return PRECISION_DTYPES[spec.precision]
+    return model_dtype if model_dtype in PRECISION_DTYPES.values() else torch.float32
 
 
 def _unique_models(patchers, names):

@@ -1,190 +1,205 @@
-"""Nodes that build AFA ensembles: AFA Ensemble Loader, AFA Ensemble, AFA Load Aggregator."""
-import os
+"""Nodes that build AFA ensembles (V3 schema): AFA Ensemble Loader, AFA Ensemble, AFA CLIP
+Merge, AFA Load Aggregator. They validate, call service.models and shape the result.
 
-import comfy.sd
-import folder_paths
+Growing inputs: AFA Ensemble's MODELs and AFA CLIP Merge's CLIPs are one `io.Autogrow` input
+on a ComfyUI that has it (v0.8.0: a new slot appears when the last one is connected). Its
+slots are named "<group>.<slot>" in API prompts ("models.model_1", "clips.clip_3") and arrive
+in `execute` as one dict {slot: value}. ComfyUI without Autogrow (v0.3.64) gets today's fixed
+slots (model_1, model_2 required, model_3..model_6 optional), which arrive as keyword
+arguments. `legacy_prompt_inputs` renames one style into the other, so prompts saved with
+either keep working (see nodes.py). The loader keeps its six checkpoint dropdowns: an
+Autogrow slot is always a socket (ComfyUI sets force_input on its template), never a
+dropdown, and saved workflows store the loader's widget values by position.
+"""
+from comfy_api.v0_0_2 import io
 
-from .core.aggregator_file import file_sha256, load_aggregator
 from .core.errors import AFAError
-from .ensemble_model import MAX_MODELS, MODES, build_ensemble
+from .core.spec import MAX_MODELS, MIN_MODELS, MODE_HELP, MODE_NAMES, WEIGHTS_HELP, EnsembleSpec, Mode
 from .per_model_clip import PerModelCLIP
+from .service import models as service_models
 
 CATEGORY = "AFA"
-NONE = "none"
-MODE_TOOLTIP = ("aggregator: the trained SABW aggregator mixes the models per pixel (needs an aggregator file). "
-                "block-wise average: every block's outputs averaged (no training needed). "
-                "noise average: each model runs alone, predictions averaged. "
-                "fixed weights: your weights per model (see 'weights'). single model: only 'model index' runs.")
-WEIGHTS_TOOLTIP = ("For 'fixed weights': one weight per model, e.g. '0.6, 0.4', or per block group: "
-                   "'input: 1,0; middle: .5,.5; output: 0,1'. Normalised to sum 1.")
+NONE = service_models.NONE
+AUTOGROW = hasattr(io, "Autogrow")   # ComfyUI >= 0.4 (v0.3.64 has no working Autogrow)
+Aggregator = io.Custom("AFA_AGGREGATOR")
+SLOTS = range(1, MAX_MODELS + 1)
+# node id -> (Autogrow input id, slot name prefix): the growing inputs of this module
+GROWING = {"AFAEnsemble": ("models", "model_"), "AFACLIPMerge": ("clips", "clip_")}
 
 
-def register_afa_folder():
-    """models/afa for aggregators, added to (never replacing) an entry from extra_model_paths.yaml."""
-    default = os.path.join(folder_paths.models_dir, "afa")
-    paths, extensions = folder_paths.folder_names_and_paths.get("afa", ([], set()))
-    if default not in paths:
-        paths = list(paths) + [default]
-    folder_paths.folder_names_and_paths["afa"] = (paths, {".safetensors"} | set(extensions or ()))
+def advanced(inp: io.Input) -> io.Input:
+    """Shown under the node's 'advanced' toggle (ComfyUI's `advanced` input option)."""
+    inp.extra_dict = dict(inp.extra_dict or {}, advanced=True)
+    return inp
+
+
+def growing_input(node_id: str, make, tooltip: str, slot_tooltip) -> list:
+    """The 2-6 sockets of `node_id`'s growing input: one Autogrow (slots named prefix1..prefix6,
+    the first two required; `tooltip` for every slot) or, without Autogrow, the same slots as
+    fixed inputs (tooltip `slot_tooltip(i, optional)`). make(name, optional, tooltip) -> io.Input."""
+    group, prefix = GROWING[node_id]
+    names = [f"{prefix}{i}" for i in SLOTS]
+    if AUTOGROW:
+        template = io.Autogrow.TemplateNames(make(prefix.rstrip("_"), False, tooltip), names=names, min=MIN_MODELS)
+        return [io.Autogrow.Input(group, template=template, tooltip=tooltip)]
+    return [make(name, i > MIN_MODELS, slot_tooltip(i, i > MIN_MODELS)) for i, name in zip(SLOTS, names)]
+
+
+def grown_values(node_id: str, group, slots: dict) -> list:
+    """The connected values of a growing input in slot order, from the Autogrow dict `group`
+    and/or fixed-slot keyword arguments `slots` (v0.3.64, or Python callers)."""
+    _, prefix = GROWING[node_id]
+    given = dict(group or {})
+    given.update({k: v for k, v in slots.items() if k.startswith(prefix)})
+    unknown = sorted(k for k in given if k.removeprefix(prefix) not in {str(i) for i in SLOTS})
+    if unknown:
+        raise AFAError(f"{node_id}: unknown input(s) {', '.join(unknown)}; the slots are {prefix}1 to {prefix}{MAX_MODELS}.")
+    return [(k, given[k]) for k in sorted(given, key=lambda k: int(k.removeprefix(prefix))) if given[k] is not None]
+
+
+def legacy_prompt_inputs(prompt: dict) -> int:
+    """Rename growing-input slots of an API prompt in place to the style this ComfyUI declares
+    ("model_3" <-> "models.model_3"); returns how many inputs were renamed."""
+    renamed = 0
+    for node in prompt.values():
+        spec = GROWING.get(node.get("class_type")) if isinstance(node, dict) else None
+        inputs = node.get("inputs") if spec else None
+        if not isinstance(inputs, dict):
+            continue
+        group, prefix = spec
+        for name in list(inputs):
+            slot = name.removeprefix(group + ".")
+            if not slot.startswith(prefix) or slot.removeprefix(prefix) not in {str(i) for i in SLOTS}:
+                continue
+            wanted = f"{group}.{slot}" if AUTOGROW else slot
+            if name != wanted and wanted not in inputs:
+                inputs[wanted] = inputs.pop(name)
+                renamed += 1
+    return renamed
 
 
 def aggregator_choices():
-    return [NONE] + folder_paths.get_filename_list("afa")
+    return [NONE] + service_models.aggregator_names()
 
 
-def load_aggregator_by_name(name):
-    if name in (None, "", NONE):
-        return None
-    return load_aggregator(folder_paths.get_full_path_or_raise("afa", name))
+def _ensemble_options() -> list:
+    return [
+        io.Combo.Input("mode", options=MODE_NAMES, default=Mode.AGGREGATOR.value, tooltip=MODE_HELP),
+        io.String.Input("weights", default="", tooltip=WEIGHTS_HELP),
+        io.Int.Input("model_index", default=1, min=1, max=MAX_MODELS,
+                     tooltip=f"For '{Mode.SINGLE_MODEL.value}': which model runs (1 = the first)."),
+    ]
 
 
-def files_fingerprint(folder, names):
-    """name:size:mtime of each chosen file, so a result is redone when a file is overwritten
-    (the nodes' IS_CHANGED: ComfyUI caches by inputs; the studio's model cache)."""
-    out = []
-    for name in names:
-        if name and name != NONE:
-            path = folder_paths.get_full_path(folder, name)
-            if path and os.path.exists(path):
-                st = os.stat(path)
-                out.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(out)
+def _map_refresh() -> io.Input:
+    return advanced(io.Int.Input(
+        "map_refresh", default=1, min=1, max=10, optional=True,
+        tooltip=(f"For '{Mode.AGGREGATOR.value}': recompute the aggregator's maps every k steps "
+                 "(1 = every step, the paper's method; 2 is ~5% faster on a CPU and measured "
+                 "as good in BENCHMARKS.md; higher is faster and more approximate).")))
 
 
-def _ensemble_options():
-    return {
-        "mode": (MODES, {"default": "aggregator", "tooltip": MODE_TOOLTIP}),
-        "weights": ("STRING", {"default": "", "tooltip": WEIGHTS_TOOLTIP}),
-        "model_index": ("INT", {"default": 1, "min": 1, "max": MAX_MODELS,
-                                "tooltip": "For 'single model': which model runs (1 = the first)."}),
-    }
-
-
-MAP_REFRESH = ("INT", {"default": 1, "min": 1, "max": 10, "advanced": True,
-                       "tooltip": "For 'aggregator': recompute the aggregator's maps every k steps "
-                                  "(1 = every step, the paper's method; 2 is ~5% faster on a CPU and measured "
-                                  "as good in BENCHMARKS.md; higher is faster and more approximate)."})
-
-
-class AFAEnsembleLoader:
-    DESCRIPTION = ("Loads 2-6 checkpoints of one architecture as ONE AFA ensemble MODEL for any sampler. "
-                   "The CLIP encodes the prompt with every model's own text encoder.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The AFA ensemble: use it like any MODEL.",
-                       "Encodes prompts with each model's own text encoder (use it for positive and negative).",
-                       "The VAE of the first checkpoint.")
-    FUNCTION = "load"
+class AFAEnsembleLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        ckpts = service_models.checkpoint_names()
+        return io.Schema(
+            node_id="AFAEnsembleLoader", display_name="AFA Ensemble Loader", category=CATEGORY,
+            description=("Loads 2-6 checkpoints of one architecture as ONE AFA ensemble MODEL for any sampler. "
+                         "The CLIP encodes the prompt with every model's own text encoder."),
+            inputs=[io.Combo.Input(f"ckpt_{i}", options=ckpts, tooltip=f"Checkpoint {i} of the ensemble.")
+                    for i in (1, 2)]
+                   + [io.Combo.Input("aggregator", options=aggregator_choices(),
+                                     tooltip="Trained aggregator from models/afa, or none for a training-free mode.")]
+                   + _ensemble_options()
+                   + [io.Combo.Input(f"ckpt_{i}", options=[NONE] + ckpts, default=NONE, optional=True,
+                                     tooltip=f"Optional checkpoint {i}.") for i in range(3, MAX_MODELS + 1)]
+                   + [_map_refresh()],
+            outputs=[io.Model.Output(tooltip="The AFA ensemble: use it like any MODEL."),
+                     io.Clip.Output(tooltip="Encodes prompts with each model's own text encoder (use it for "
+                                            "positive and negative)."),
+                     io.Vae.Output(tooltip="The VAE of the first checkpoint.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        ckpts = folder_paths.get_filename_list("checkpoints")
-        required = {f"ckpt_{i}": (ckpts, {"tooltip": f"Checkpoint {i} of the ensemble."}) for i in (1, 2)}
-        required["aggregator"] = (aggregator_choices(), {"tooltip": "Trained aggregator from models/afa, or none for a training-free mode."})
-        required.update(_ensemble_options())
-        optional = {f"ckpt_{i}": ([NONE] + ckpts, {"default": NONE, "tooltip": f"Optional checkpoint {i}."})
-                    for i in range(3, MAX_MODELS + 1)}
-        optional["map_refresh"] = MAP_REFRESH
-        return {"required": required, "optional": optional}
+    def fingerprint_inputs(cls, aggregator, **kwargs):
+        """Redo the load when a chosen file is overwritten (ComfyUI caches by inputs)."""
+        ckpts = [kwargs.get(f"ckpt_{i}") for i in SLOTS]
+        return service_models.files_fingerprint("checkpoints", ckpts) + "#" + service_models.files_fingerprint("afa", [aggregator])
 
     @classmethod
-    def IS_CHANGED(cls, aggregator, **kwargs):
-        ckpts = [kwargs.get(f"ckpt_{i}") for i in range(1, MAX_MODELS + 1)]
-        return files_fingerprint("checkpoints", ckpts) + "#" + files_fingerprint("afa", [aggregator])
-
-    def load(self, aggregator, mode, weights, model_index, map_refresh=1, **ckpts):
-        names = [ckpts[f"ckpt_{i}"] for i in range(1, MAX_MODELS + 1) if ckpts.get(f"ckpt_{i}") not in (None, NONE)]
-        if len(names) < 2:
+    def execute(cls, aggregator, mode, weights, model_index, map_refresh=1, **ckpts) -> io.NodeOutput:
+        names = [ckpts[f"ckpt_{i}"] for i in SLOTS if ckpts.get(f"ckpt_{i}") not in (None, NONE)]
+        if len(names) < MIN_MODELS:
             raise AFAError("AFA Ensemble Loader needs at least 2 checkpoints: choose ckpt_1 and ckpt_2.")
-        agg_file = load_aggregator_by_name(aggregator) if mode == "aggregator" else None  # fail fast
-        loaded = {}
-        for name in names:  # the same checkpoint twice is loaded once
-            if name not in loaded:
-                path = folder_paths.get_full_path_or_raise("checkpoints", name)
-                model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-                    path, output_vae=True, output_clip=True,
-                    embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
-                if model is None:
-                    raise AFAError(f"'{name}' holds no diffusion model (is it a VAE or text encoder file?).")
-                loaded[name] = (model, clip, vae, path)
-        hashes = [file_sha256(loaded[n][3]) for n in names] if agg_file is not None else None
-        model = build_ensemble([loaded[n][0] for n in names], names, hashes, mode, agg_file, weights, model_index,
-                               sources=[loaded[n][3] for n in names], refresh_every=map_refresh)
-        clips = [loaded[n][1] for n in names]
-        clip = PerModelCLIP.from_clips(clips) if all(c is not None for c in clips) else clips[0]
-        return (model, clip, loaded[names[0]][2])
+        spec = EnsembleSpec.from_ui(names, mode, aggregator, weights, model_index, map_refresh)
+        loaded = service_models.load_ensemble(spec)
+        return io.NodeOutput(loaded.model, loaded.clip, loaded.vae)
 
 
-class AFAEnsemble:
-    DESCRIPTION = ("Ensembles 2-6 MODELs (each may carry its own LoRA or patches) with AFA. "
-                   "Encode prompts with 'AFA CLIP Merge' to give each model its own text encoding, "
-                   "or with any single CLIP (shared by all models).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "ensemble"
+class AFAEnsemble(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AFAEnsemble", display_name="AFA Ensemble", category=CATEGORY,
+            description=("Ensembles 2-6 MODELs (each may carry its own LoRA or patches) with AFA. "
+                         "Encode prompts with 'AFA CLIP Merge' to give each model its own text encoding, "
+                         "or with any single CLIP (shared by all models)."),
+            inputs=growing_input("AFAEnsemble", lambda name, opt, tip: io.Model.Input(name, optional=opt, tooltip=tip),
+                                 "A model of the ensemble (connect one to add the next slot; 2 to 6).",
+                                 lambda i, opt: f"Optional model {i}." if opt else f"Model {i}.")
+                   + _ensemble_options()
+                   + [Aggregator.Input("aggregator", optional=True, tooltip=(
+                       f"From AFA Load Aggregator; needed for mode '{Mode.AGGREGATOR.value}'.")),
+                      _map_refresh()],
+            outputs=[io.Model.Output()])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        required = {f"model_{i}": ("MODEL", {"tooltip": f"Model {i}."}) for i in (1, 2)}
-        required.update(_ensemble_options())
-        optional = {f"model_{i}": ("MODEL", {"tooltip": f"Optional model {i}."}) for i in range(3, MAX_MODELS + 1)}
-        optional["aggregator"] = ("AFA_AGGREGATOR", {"tooltip": "From AFA Load Aggregator; needed for mode 'aggregator'."})
-        optional["map_refresh"] = MAP_REFRESH
-        return {"required": required, "optional": optional}
-
-    def ensemble(self, mode, weights, model_index, map_refresh=1, aggregator=None, **models):
-        keys = [f"model_{i}" for i in range(1, MAX_MODELS + 1) if models.get(f"model_{i}") is not None]
-        patchers = [models[k] for k in keys]
-        names = [k.replace("_", " ") for k in keys]  # a MODEL does not know its file
-        return (build_ensemble(patchers, names, None, mode, aggregator, weights, model_index,
-                               refresh_every=map_refresh),)
+    def execute(cls, mode, weights, model_index, map_refresh=1, aggregator=None, models=None,
+                **slots) -> io.NodeOutput:
+        given = grown_values("AFAEnsemble", models, slots)
+        names = [k.replace("_", " ") for k, _ in given]  # a MODEL does not know its file
+        spec = EnsembleSpec.from_ui((), mode, getattr(aggregator, "path", None), weights, model_index, map_refresh)
+        return io.NodeOutput(service_models.ensemble_of_models([m for _, m in given], names, spec, aggregator))
 
 
-class AFACLIPMerge:
-    DESCRIPTION = "Combines 2-6 CLIPs so a prompt is encoded by each model's own text encoder (for AFA Ensemble)."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "merge"
+class AFACLIPMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AFACLIPMerge", display_name="AFA CLIP Merge (per-model text)", category=CATEGORY,
+            description=("Combines 2-6 CLIPs so a prompt is encoded by each model's own text encoder "
+                         "(for AFA Ensemble)."),
+            inputs=growing_input("AFACLIPMerge", lambda name, opt, tip: io.Clip.Input(name, optional=opt, tooltip=tip),
+                                 "Text encoder of model N, in the order of AFA Ensemble's models.",
+                                 lambda i, opt: f"Text encoder of model {i}."),
+            outputs=[io.Clip.Output()])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        required = {f"clip_{i}": ("CLIP", {"tooltip": f"Text encoder of model {i}."}) for i in (1, 2)}
-        optional = {f"clip_{i}": ("CLIP", {"tooltip": f"Text encoder of model {i}."}) for i in range(3, MAX_MODELS + 1)}
-        return {"required": required, "optional": optional}
-
-    def merge(self, **clips):
-        ordered = [clips[f"clip_{i}"] for i in range(1, MAX_MODELS + 1) if clips.get(f"clip_{i}") is not None]
-        return (PerModelCLIP.from_clips(ordered),)
+    def execute(cls, clips=None, **slots) -> io.NodeOutput:
+        given = grown_values("AFACLIPMerge", clips, slots)
+        if len(given) < MIN_MODELS:
+            raise AFAError(f"AFA CLIP Merge needs {MIN_MODELS} to {MAX_MODELS} CLIPs, got {len(given)}: "
+                           "connect each model's CLIP, in the order of AFA Ensemble's models.")
+        return io.NodeOutput(PerModelCLIP.from_clips([c for _, c in given]))
 
 
-class AFALoadAggregator:
-    DESCRIPTION = "Loads a trained AFA aggregator from models/afa."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("AFA_AGGREGATOR",)
-    FUNCTION = "load"
+class AFALoadAggregator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AFALoadAggregator", display_name="AFA Load Aggregator", category=CATEGORY,
+            description="Loads a trained AFA aggregator from models/afa.",
+            inputs=[io.Combo.Input("aggregator", options=service_models.aggregator_names(),
+                                   tooltip="An aggregator .safetensors from models/afa.")],
+            outputs=[Aggregator.Output()])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"aggregator": (folder_paths.get_filename_list("afa"),
-                                            {"tooltip": "An aggregator .safetensors from models/afa."})}}
+    def fingerprint_inputs(cls, aggregator):
+        return service_models.files_fingerprint("afa", [aggregator])
 
     @classmethod
-    def IS_CHANGED(cls, aggregator):
-        return files_fingerprint("afa", [aggregator])
-
-    def load(self, aggregator):
-        return (load_aggregator_by_name(aggregator),)
+    def execute(cls, aggregator) -> io.NodeOutput:
+        return io.NodeOutput(service_models.load_aggregator_file(aggregator))
 
 
-NODE_CLASS_MAPPINGS = {
-    "AFAEnsembleLoader": AFAEnsembleLoader,
-    "AFAEnsemble": AFAEnsemble,
-    "AFACLIPMerge": AFACLIPMerge,
-    "AFALoadAggregator": AFALoadAggregator,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "AFAEnsembleLoader": "AFA Ensemble Loader",
-    "AFAEnsemble": "AFA Ensemble",
-    "AFACLIPMerge": "AFA CLIP Merge (per-model text)",
-    "AFALoadAggregator": "AFA Load Aggregator",
-}
+NODES = [AFAEnsembleLoader, AFAEnsemble, AFACLIPMerge, AFALoadAggregator]

@@ -87,12 +87,14 @@ def afa_step(unets, mixer, steps=1):
     from afa_nodes.core.ensemble import EnsembleExecutor
     from afa_nodes.core.layout import derive_layout
     from afa_nodes.comfy_unet import ComfyExpert, ComfyHooks
+    from afa_nodes.core.spec import StepContext
     executor = EnsembleExecutor(derive_layout(unets[0]), mixer)
 
     def run(x, t, c):
         for k in range(steps):
             experts = [ComfyExpert(u, {}, x, {}) for u in unets]
-            executor(experts, x, t, [c] * len(unets), None, ComfyHooks(None, {}), step=(10.0 - k, (0, 1)))
+            executor(experts, x, t, [c] * len(unets), None, ComfyHooks(None, {}),
+                     StepContext(sigma=10.0 - k, rows=(0, 1)))
     return run
 
 

@@ -192,10 +192,12 @@ def make_mixer(key, layout, n, seed):
 
 
 def run_ensemble(executor, unets, x_in, t, ctx, step=None):
-    from afa_nodes.core.ensemble import Hooks
+    """step: (sigma, rows) of a sampling step (map refresh tells steps apart by it), or None."""
     from afa_nodes.comfy_unet import ComfyExpert
+    from afa_nodes.core.spec import StepContext
     experts = [ComfyExpert(u, {}, x_in, {}) for u in unets]
-    return executor(experts, x_in, t, [ctx] * len(unets), None, Hooks(), step=step)
+    call = StepContext() if step is None else StepContext(sigma=step[0], rows=step[1])
+    return executor(experts, x_in, t, [ctx] * len(unets), None, None, call)
 
 
 def train_mixer(params, executor, unets, schedule, latents, kinds, ctx_table, steps, batch, lr, seed):

@@ -47,6 +47,7 @@ def build_afa_model(patchers, folder):
     from afa_nodes.core.aggregator_file import load_aggregator, save_aggregator
     from afa_nodes.core.layout import derive_layout
     from afa_nodes.core.sabw import Aggregator, SABWConfig
+    from afa_nodes.core.spec import EnsembleSpec, Mode
     from afa_nodes.ensemble_model import build_ensemble
     layout = derive_layout(patchers[0].model.diffusion_model)
     agg = Aggregator(layout.point_channels, SABWConfig(len(patchers)))
@@ -56,7 +57,7 @@ def build_afa_model(patchers, folder):
     path = Path(folder) / "bench_aggregator.safetensors"
     save_aggregator(path, agg, layout, [])
     names = [f"model {i + 1}" for i in range(len(patchers))]
-    return build_ensemble(patchers, names, None, "aggregator", load_aggregator(path))
+    return build_ensemble(patchers, names, EnsembleSpec(mode=Mode.AGGREGATOR), load_aggregator(path))
 
 
 def seconds_per_step(model, latent, steps, cond):

@@ -14,6 +14,7 @@ from afa_nodes.core.ensemble import (ConstantMixer, EnsembleExecutor, SABWMixer,
 from afa_nodes.core.errors import AggregatorFileError, AggregatorMismatchError, AFAError
 from afa_nodes.core.layout import AggregationPoint, UNetLayout
 from afa_nodes.core.sabw import Aggregator, SABWConfig, count_parameters
+from afa_nodes.core.spec import StepContext
 
 # SD1.5's 25 aggregation points (afa-method.md): 12 input, middle, 11 output, final eps.
 SD15_CHANNELS = [320] * 4 + [640] * 3 + [1280] * 5 + [1280] + [1280] * 6 + [640] * 3 + [320] * 2 + [4]
@@ -119,8 +120,8 @@ def test_zero_init_sabw_equals_blockwise_average_and_records_maps():
     experts = [ToyExpert(0), ToyExpert(1), ToyExpert(2)]
     agg = Aggregator(TOY_LAYOUT.point_channels, SABWConfig(3, hidden=32, heads=4, context_dim=12, time_embed_dim=16))
     seen = []
-    out = EnsembleExecutor(TOY_LAYOUT, SABWMixer(agg))(experts, x, t, [c] * 3,
-                                                      recorder=lambda p, w: seen.append((p, w.shape)))
+    ctx = StepContext(recorder=lambda p, w, ctx: seen.append((p, w.shape)))
+    out = EnsembleExecutor(TOY_LAYOUT, SABWMixer(agg))(experts, x, t, [c] * 3, ctx=ctx)
     avg = EnsembleExecutor(TOY_LAYOUT, uniform_mixer(5, 3))(experts, x, t, [c] * 3)
     assert torch.equal(out, avg)
     assert [p for p, _ in seen] == [0, 1, 2, 3, 4] and seen[0][1] == (2, 3, 6, 5)
@@ -231,7 +232,8 @@ def test_map_refresh_reuses_weights_within_a_run():
     agg.forward = lambda *a: calls.append(a[0]) or forward(*a)
     mixer = SABWMixer(agg, refresh_every=2)
     executor = EnsembleExecutor(TOY_LAYOUT, mixer)
-    outs = [executor(experts, x, t, [c, c], step=(sigma, (0, 1))) for sigma in (14.0, 7.0, 3.0, 14.0)]
+    outs = [executor(experts, x, t, [c, c], ctx=StepContext(sigma=sigma, rows=(0, 1)))
+            for sigma in (14.0, 7.0, 3.0, 14.0)]
     # steps 0 and 2 compute all 5 points, step 1 re-uses; 14.0 again is a new run: recomputed
     assert len(calls) == 3 * 5
     exact = EnsembleExecutor(TOY_LAYOUT, SABWMixer(agg))(experts, x, t, [c, c])

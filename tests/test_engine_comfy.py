@@ -10,11 +10,12 @@ def env(comfy, sd15_checkpoints, sdxl_checkpoints):
     import comfy.sd
     import folder_paths
     import nodes
-    from afa_nodes import nodes_ensemble
+    from afa_nodes import ensemble_model
+    from afa_nodes.service import models
     for path in list(sd15_checkpoints) + list(sdxl_checkpoints):
         folder_paths.add_model_folder_path("checkpoints", str(path.parent))
-    nodes_ensemble.register_afa_folder()
-    return dict(nodes=nodes, sd=comfy.sd, folder_paths=folder_paths, ens=nodes_ensemble,
+    models.register_afa_folder()
+    return dict(nodes=nodes, sd=comfy.sd, folder_paths=folder_paths, ens=ensemble_model, service=models,
                 sd15=[p.name for p in sd15_checkpoints], sdxl=[p.name for p in sdxl_checkpoints])
 
 
@@ -46,9 +47,12 @@ def latent(batch=1, height=40, width=56):
 
 
 def loader(env, names, mode="block-wise average", aggregator="none", weights="", index=1):
-    ckpts = {f"ckpt_{i + 1}": n for i, n in enumerate(names)}
+    """(MODEL, CLIP, VAE) through the service layer, as AFA Ensemble Loader gets them."""
+    from afa_nodes.core.spec import EnsembleSpec
+    spec = EnsembleSpec.from_ui(names, mode, aggregator, weights, index)
     with torch.inference_mode():
-        return env["ens"].AFAEnsembleLoader().load(aggregator, mode, weights, index, **ckpts)
+        loaded = env["service"].load_ensemble(spec)
+    return loaded.model, loaded.clip, loaded.vae
 
 
 def save_random_aggregator(env, afa_dir, model, n, name, zero=False, seed=0):
@@ -161,7 +165,7 @@ def test_samplers_sizes_batches_img2img(env):
 def test_sdxl_shaped_ensemble_samples_with_per_model_pooled(env):
     names = env["sdxl"][:2]
     models = [load(env, n)[0] for n in names]
-    model = env["ens"].build_ensemble(models, names, mode="block-wise average")
+    model = env["ens"].build_ensemble(models, names)
     torch.manual_seed(0)
     c = [torch.randn(1, 77, 2048) for _ in names]
     p = [torch.randn(1, 1280) for _ in names]
@@ -229,13 +233,15 @@ def test_model_patches_after_ensembling(env):
     assert (expected - sample(env, base, pos, neg, latent())).abs().max() > 1e-4
 
 
-def test_afa_ensemble_node_from_models_with_clip_merge(env):
+def test_ensemble_of_loaded_models_with_merged_clip(env):
+    """AFA Ensemble + AFA CLIP Merge's path (MODELs loaded elsewhere) equals the loader's."""
+    from afa_nodes.core.spec import EnsembleSpec
+    from afa_nodes.per_model_clip import PerModelCLIP
     names = env["sd15"][:2]
     loaded = [load(env, n) for n in names]
     with torch.inference_mode():
-        model = env["ens"].AFAEnsemble().ensemble("block-wise average", "", 1,
-                                                  model_1=loaded[0][0], model_2=loaded[1][0])[0]
-        clip = env["ens"].AFACLIPMerge().merge(clip_1=loaded[0][1], clip_2=loaded[1][1])[0]
+        model = env["service"].ensemble_of_models([m for m, _, _ in loaded], ["model 1", "model 2"], EnsembleSpec())
+        clip = PerModelCLIP.from_clips([c for _, c, _ in loaded])
     ref_model, ref_clip, _ = loader(env, names)
     pos = encode(env, clip, "a hill")
     a = sample(env, model, pos, encode(env, clip, ""), latent())
@@ -249,7 +255,7 @@ def test_bad_input_raises_clear_errors(env, afa_dir, tmp_path):
     sd15, sdxl = env["sd15"], env["sdxl"]
     with pytest.raises(IncompatibleModelsError, match=sdxl[0]):
         loader(env, [sd15[0], sdxl[0]])
-    with pytest.raises(AFAError, match="at least 2 checkpoints"):
+    with pytest.raises(AFAError, match="needs 2 to 6 models, got 1"):
         loader(env, [sd15[0]])
     with pytest.raises(AFAError, match="2 to 6 models"):
         env["ens"].build_ensemble([load(env, sd15[0])[0]], [sd15[0]])

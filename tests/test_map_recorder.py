@@ -8,6 +8,7 @@ import torch
 from test_core import TOY_LAYOUT, ToyExpert
 
 from afa_nodes.core.ensemble import EnsembleExecutor, SABWMixer
+from afa_nodes.core.spec import StepContext
 from afa_nodes.core.errors import AFAError
 from afa_nodes.core.map_recorder import MapRecorder, get_run, map_payload, run_info, schedule_step
 from afa_nodes.core.map_selection import StepSelection, parse_points
@@ -39,12 +40,10 @@ def sample(recorder, agg, batch=1, schedule=SCHEDULE, cou=(0, 1), sample_sigmas=
     outs = []
     sigmas = sorted(list(schedule[:-1]) + list(extra_sigmas), reverse=True)
     for sigma in sigmas:
-        opts = {"sigmas": torch.full((rows,), sigma), "cond_or_uncond": list(cou)}
-        if sample_sigmas:
-            opts["sample_sigmas"] = torch.tensor(schedule)
-        rec = None if recorder is None else (lambda p, w, o=opts: recorder(p, w, o))
+        ctx = StepContext(sigma=sigma, rows=tuple(cou), recorder=recorder,
+                          schedule=torch.tensor(schedule) if sample_sigmas else None)
         with torch.no_grad():
-            outs.append(executor(experts, x, torch.full((rows,), sigma * 50), [c] * len(experts), recorder=rec))
+            outs.append(executor(experts, x, torch.full((rows,), sigma * 50), [c] * len(experts), ctx=ctx))
     if recorder is not None:
         recorder.end_run(outs[-1][:batch])
     return outs
@@ -93,7 +92,7 @@ def test_cond_and_uncond_rows_are_kept_apart():
     w[:2, 1] = 1.0   # uncond: model 1 everywhere
     w[2:, 0] = 1.0   # cond: model 0 everywhere
     w[1, :, 0, 0] = torch.tensor([0.5, 0.5])  # second uncond image differs at one pixel
-    rec(2, w, {"sigmas": torch.tensor([14.6] * 4), "cond_or_uncond": [1, 0]})
+    rec(2, w, StepContext(sigma=14.6, rows=(1, 0)))
     rec.end_run(torch.zeros(2, 4, 4, 4))
     m = rec.runs[-1].maps
     assert m.weights(0, "middle", "cond", 0)[0].min() == 1 and m.weights(0, "middle", "cond", 1)[0].min() == 1
@@ -105,7 +104,7 @@ def test_cfg1_records_only_cond_and_several_conds_are_averaged():
     rec = MapRecorder(["m0", "m1"], POINTS, points="middle")
     rec.begin_run((1, 4, 2, 2), SCHEDULE)
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[:, :, None, None].expand(2, 2, 2, 2)
-    rec(2, w, {"sigmas": torch.tensor([14.6, 14.6]), "cond_or_uncond": [0, 0]})
+    rec(2, w, StepContext(sigma=14.6, rows=(0, 0)))
     rec.end_run()
     m = rec.runs[-1].maps
     assert m.branches == ["cond"] and torch.allclose(m.weights(0, "middle"), torch.full((2, 2, 2), 0.5))
@@ -123,11 +122,10 @@ def test_step_selection(spec, expected, sample_sigmas):
 
 def test_step_without_any_schedule_counts_distinct_sigmas():
     rec = MapRecorder(NAMES, POINTS, points="middle", steps="last 2")
-    rec.begin_run((1, 4, 6, 5))  # no sigmas from the host, no sample_sigmas in the options
+    rec.begin_run((1, 4, 6, 5))  # no sigmas from the host, no schedule in the context
     w = torch.full((1, 3, 2, 2), 1 / 3)
     for sigma in (9.0, 9.0, 4.0, 2.0, 1.0):  # 9.0 twice = one step in two calls
-        rec(2, w, {"sigmas": torch.tensor([sigma])})
-        rec._opts = None  # a new UNet call
+        rec(2, w, StepContext(sigma=sigma))  # a new StepContext per model call
     rec.end_run()
     assert rec.runs[-1].maps.steps == [2, 3] and rec.runs[-1].maps.sigmas == [2.0, 1.0]
 
@@ -160,7 +158,7 @@ def test_runs_are_separate_and_found_by_their_latent():
     agg = aggregator()
     first = sample(rec, agg)[-1][:1]
     rec.begin_run((1, 4, 6, 5), SCHEDULE)
-    rec(2, torch.full((2, 3, 6, 5), 1 / 3), {"sigmas": torch.tensor([14.6, 14.6]), "cond_or_uncond": [0, 1]})
+    rec(2, torch.full((2, 3, 6, 5), 1 / 3), StepContext(sigma=14.6, rows=(0, 1)))
     second_out = torch.ones(1, 4, 6, 5)
     rec.end_run(second_out)
     r1, r2 = rec.runs
@@ -226,7 +224,7 @@ def test_viewer_payloads():
     rec = MapRecorder(["left", "right"], POINTS, points="middle, final")
     rec.begin_run((1, 4, 2, 2), SCHEDULE)
     w = torch.tensor([[0.75, 0.25], [0.0, 1.0]]).T.reshape(1, 2, 1, 2).expand(1, 2, 2, 2)
-    rec(2, w, {"sigmas": torch.tensor([14.6]), "cond_or_uncond": [0]})
+    rec(2, w, StepContext(sigma=14.6, rows=(0,)))
     rec.end_run(torch.zeros(1, 4, 2, 2))
     run = rec.runs[-1]
     info = run_info(run)

@@ -17,6 +17,7 @@ def env(comfy, sd15_checkpoints, tmp_path_factory):
     from afa_nodes import nodes_maps
     from afa_nodes.core.aggregator_file import load_aggregator, save_aggregator
     from afa_nodes.core.sabw import Aggregator, SABWConfig
+    from afa_nodes.core.spec import EnsembleSpec, Mode
     from afa_nodes.ensemble_model import build_ensemble, require_ensemble
 
     loaded = [comfy.sd.load_checkpoint_guess_config(str(p))[:3] for p in sd15_checkpoints[:2]]
@@ -31,7 +32,7 @@ def env(comfy, sd15_checkpoints, tmp_path_factory):
         torch.nn.init.normal_(block.conv_out.weight, std=2.0)  # far from uniform
     path = tmp_path_factory.mktemp("afa") / "maps_agg.safetensors"
     save_aggregator(path, agg, layout, [])
-    model = build_ensemble(patchers, names, None, "aggregator", load_aggregator(path))
+    model = build_ensemble(patchers, names, EnsembleSpec(mode=Mode.AGGREGATOR), load_aggregator(path))
     g = torch.Generator().manual_seed(0)
     cond = lambda: [[torch.randn(1, 77, 768, generator=g), {}]]
     return {"nodes": nodes, "maps": nodes_maps, "model": model, "plain": patchers[0], "vae": loaded[0][2],

@@ -1,5 +1,6 @@
 """Training inside real ComfyUI: the AFA Train Aggregator node (in process, under inference_mode,
-and through a real server prompt), the `train` CLI, and its 2-process gloo data-parallel run."""
+and through a real server prompt), service.training on experts without an ensemble MODEL, the
+`train` CLI and its 2-process gloo data-parallel run, and the front ends generated from TrainConfig."""
 import os
 import signal
 import subprocess
@@ -11,8 +12,9 @@ import pytest
 import torch
 from toy_dataset import make_dataset
 
-from afa_nodes.core.aggregator_file import file_sha256, load_aggregator
+from afa_nodes.core.aggregator_file import load_aggregator
 from afa_nodes.core.errors import DatasetError, TrainingError
+from afa_nodes.core.files import file_sha256
 from afa_nodes.core.train import state_path
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread")]
@@ -35,16 +37,20 @@ def load_ensemble(env, indices, mode="block-wise average", aggregator="none"):
 
 
 def train_node(env, model, clip, vae, save_name, dataset="afa_train_ds", **kw):
+    """The V3 node's execute, as ComfyUI's executor runs it (under inference_mode) -> its outputs."""
     args = dict(TRAIN_ARGS, **kw)
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        return env["nodes"]["AFATrainAggregator"]().train(model, clip, vae, dataset, save_name=save_name, **args)
+    with torch.inference_mode():
+        out = env["nodes"]["AFATrainAggregator"].execute(model=model, clip=clip, vae=vae, dataset_folder=dataset,
+                                                         save_name=save_name, **args)
+    assert out.ui["images"] and out.ui["text"] == (out.result[2],)  # the curve and the report on the node
+    return out.result
 
 
 @pytest.fixture(scope="module")
 def trained(env):
     model, clip, vae = load_ensemble(env, [0, 1])
     agg, curve, report = train_node(env, model, clip, vae, "afa_test_node")
-    from afa_nodes.nodes_train import aggregator_save_path
+    from afa_nodes.service.training import aggregator_save_path
     return dict(agg=agg, curve=curve, report=report, path=aggregator_save_path("afa_test_node"))
 
 
@@ -90,13 +96,14 @@ def test_trained_file_drives_the_loader_and_the_ensemble_node(env, trained):
 
 @pytest.mark.parametrize("folder", ["../outside", "/tmp", "afa_train_ds/../../x", "", "no_such_folder"])
 def test_dataset_folder_must_be_inside_the_input_directory(env, folder):
-    from afa_nodes.nodes_train import AFATrainAggregator, resolve_dataset_folder
+    from afa_nodes.nodes_train import AFATrainAggregator
+    from afa_nodes.service.training import dataset_in_input_dir
     with pytest.raises(DatasetError, match="input directory|does not exist|give the dataset folder"):
-        resolve_dataset_folder(folder)
-    message = AFATrainAggregator.VALIDATE_INPUTS(folder, "ok_name")
+        dataset_in_input_dir(folder)
+    message = AFATrainAggregator.validate_inputs(folder, "ok_name")
     assert isinstance(message, str) and folder.split("/")[-1] in message
-    assert AFATrainAggregator.VALIDATE_INPUTS("afa_train_ds", "ok_name") is True
-    assert "plain file name" in AFATrainAggregator.VALIDATE_INPUTS("afa_train_ds", "../evil")
+    assert AFATrainAggregator.validate_inputs("afa_train_ds", "ok_name") is True
+    assert "plain file name" in AFATrainAggregator.validate_inputs("afa_train_ds", "../evil")
 
 
 def test_resuming_with_other_models_is_refused_naming_them(env, trained):
@@ -121,7 +128,7 @@ def bucket_runs(env):
     for name, steps in (("afa_test_buckets", [2]), ("afa_test_buckets_resumed", [1, 2])):
         for k, n in enumerate(steps):
             runs[name] = train_node(env, model, clip, vae, name, "afa_bucket_ds", steps=n, resume=k > 0, **BUCKET_ARGS)
-    from afa_nodes.nodes_train import aggregator_save_path
+    from afa_nodes.service.training import aggregator_save_path
     return dict(model=model, clip=clip, vae=vae, folder=env["dataset"].parent / "afa_bucket_ds",
                 paths={name: aggregator_save_path(name) for name in runs}, reports={k: v[2] for k, v in runs.items()})
 
@@ -144,12 +151,15 @@ def test_node_with_random_crop_and_buckets_records_them_and_resumes_exactly(buck
 
 def test_encoded_buckets_give_one_shape_per_batch_random_train_crops_and_center_validation(bucket_runs):
     from afa_nodes.core.dataset import ImageDataset
+    from afa_nodes.core.train import TrainConfig
     from afa_nodes.core.train_data import DataOrder, make_batch
+    from afa_nodes.service.models import experts_of
     from afa_nodes.training_host import encode_dataset
     r = bucket_runs
+    config = TrainConfig(dataset=r["folder"], resolution=96, val_fraction=0.34, crop="random", crop_variants=3,
+                         buckets=True)
     with torch.inference_mode(False):
-        data, meta = encode_dataset(r["model"], r["clip"], r["vae"], r["folder"], 96, 0.34, 0,
-                                    crop="random", crop_variants=3, buckets=True)
+        data, meta = encode_dataset(experts_of(r["model"]), r["clip"], r["vae"], config)
     order = DataOrder(len(data.train), 2, 0, data.train_buckets)
     assert order.bucketed
     shapes = {tuple(make_batch(data, order, [p, p + 1], False, seed=0, timesteps=1000, caption_dropout=0.1,
@@ -187,49 +197,54 @@ class FakeSDXLClip:
 
 @pytest.fixture(scope="module")
 def sdxl_env(env, sdxl_checkpoints):
+    """Two SDXL-family experts as service.models.ExpertSet: no ensemble MODEL is built."""
     import comfy.sd as comfy_sd
-    from afa_nodes.ensemble_model import build_ensemble
-    patchers = [comfy_sd.load_checkpoint_guess_config(str(p))[0] for p in sdxl_checkpoints[:2]]
-    names = [p.name for p in sdxl_checkpoints[:2]]
-    model = build_ensemble(patchers, names, mode="block-wise average", sources=[str(p) for p in sdxl_checkpoints[:2]])
+    from afa_nodes.service.models import ExpertSet
+    paths = sdxl_checkpoints[:2]
+    patchers = [comfy_sd.load_checkpoint_guess_config(str(p))[0] for p in paths]
+    experts = ExpertSet(patchers, [p.name for p in paths], [file_sha256(p) for p in paths], [str(p) for p in paths])
     vae = comfy_sd.load_checkpoint_guess_config(str(env["ckpts"][0]))[2]  # a 4-channel VAE (SDXL ones have none)
-    return dict(model=model, patchers=patchers, vae=vae, clip=FakeSDXLClip(2), names=names)
+    return dict(experts=experts, vae=vae, clip=FakeSDXLClip(2))
 
 
 def test_sdxl_y_per_model_equals_each_models_own_encode_adm(sdxl_env):
-    from afa_nodes.ensemble_model import require_ensemble
-    from afa_nodes.training_host import adm_maker
-    ensemble = require_ensemble(sdxl_env["model"])
+    from afa_nodes.training_host import adm_maker, experts_layout
+    experts = sdxl_env["experts"]
+    layout = experts_layout(experts)
+    make = adm_maker(experts.models[0], 2, layout.adm_dim)
     pooled = torch.randn(2 * 1280)
     item = {"size": (300, 200), "crop_box": (96, 64, 16, 0), "target": (64, 64)}
-    ys = adm_maker(ensemble)(pooled, item)
+    ys = make(pooled, item)
     assert len(ys) == 2 and all(y.shape == (2816,) for y in ys)
     for i, y in enumerate(ys):
-        own = ensemble.models[i].encode_adm(pooled_output=pooled[None, i * 1280:(i + 1) * 1280], width=300, height=200,
-                                            crop_w=16, crop_h=0, target_width=64, target_height=64)
+        own = experts.models[i].encode_adm(pooled_output=pooled[None, i * 1280:(i + 1) * 1280], width=300, height=200,
+                                           crop_w=16, crop_h=0, target_width=64, target_height=64)
         assert torch.equal(y, own[0].float())
-    moved = adm_maker(ensemble)(pooled, dict(item, crop_box=(96, 64, 0, 0)))
+    moved = make(pooled, dict(item, crop_box=(96, 64, 0, 0)))
     assert torch.equal(moved[0][:1280], ys[0][:1280]) and not torch.equal(moved[0], ys[0])  # crop conditioning
     with pytest.raises(TrainingError, match="pooled text output has width 1000"):
-        adm_maker(ensemble)(torch.randn(1000), item)
+        make(torch.randn(1000), item)
 
 
-def test_sdxl_family_ensemble_trains(env, sdxl_env, tmp_path):
+def test_sdxl_family_experts_train_without_an_ensemble_model(env, sdxl_env, tmp_path):
+    from afa_nodes.core.spec import EnsembleSpec, Mode
     from afa_nodes.core.train import TrainConfig
     from afa_nodes.ensemble_model import build_ensemble
-    from afa_nodes.training_host import train_from_comfy
+    from afa_nodes.service import training
     folder = make_dataset(tmp_path / "xl_ds", n=4, size=64)
-    config = TrainConfig(steps=2, batch_size=2, lr=1e-3, save_every=0, hidden=32, heads=4, depth=1,
-                         gradient_checkpointing=False)
+    config = TrainConfig(dataset=folder, out=tmp_path / "xl.safetensors", steps=2, batch_size=2, lr=1e-3,
+                         save_every=0, hidden=32, heads=4, depth=1, gradient_checkpointing=False, resolution=64,
+                         val_fraction=0.25)
+    experts = sdxl_env["experts"]
     with torch.inference_mode():
-        result = train_from_comfy(sdxl_env["model"], sdxl_env["clip"], sdxl_env["vae"], folder,
-                                  tmp_path / "xl.safetensors", config, resolution=64, val_fraction=0.25)
+        result = training.train(experts, sdxl_env["clip"], sdxl_env["vae"], config)
     meta = result.metadata
     assert result.step == 2 and meta["finished"] and "SDXL" in meta["data"]["label_input"]
     assert all(r["loss"] > 0 for r in result.validation["rows"]) and len(result.validation["rows"]) == 4
     agg = load_aggregator(tmp_path / "xl.safetensors")
     assert agg.layout["adm_dim"] == 2816 and len(agg.layout["points"]) == 19
-    build_ensemble(sdxl_env["patchers"], sdxl_env["names"], mode="aggregator", aggregator_file=agg)  # fits
+    assert [e["sha256"] for e in agg.experts] == experts.hashes
+    build_ensemble(experts.patchers, experts.names, EnsembleSpec(mode=Mode.AGGREGATOR), agg, experts.hashes)  # fits
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,7 @@ context/time widths), N, the SABW config, the experts' names and sha256, and tra
 facts. Loading validates it against the ensemble it is applied to.
 Also imports the research code's layout (aggregator_{j}/aggregator.safetensors + config.json).
 """
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,57 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from .. import logger
 from .errors import AggregatorFileError, AggregatorMismatchError
-from .layout import UNetLayout
+from .files import atomic_write
+from .layout import Layout, signature_family
 from .sabw import Aggregator, SABWConfig
 
 FORMAT_VERSION = 1
-_hash_cache = {}
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file, cached by (path, size, mtime)."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _hash_cache:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        _hash_cache[key] = digest.hexdigest()
-    return _hash_cache[key]
-
-
-def _read_umask() -> int:
-    """The process umask, read once at import: os.umask can only be read by setting it, which
-    would race with files created meanwhile by other threads (the studio trains in a thread)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path) for a temp file beside `path`, then rename over it:
-    a crash or a full disk never leaves a half-written file in place of a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 @dataclass
 class AggregatorFile:
     config: SABWConfig
-    layout: dict                 # UNetLayout.signature()
+    layout: dict                 # Layout.signature() of the experts it was trained on
     experts: list                # [{"name": str, "sha256": str}]
     training: dict = field(default_factory=dict)
     state_dict: dict = field(default_factory=dict)
@@ -86,7 +41,7 @@ class AggregatorFile:
         return agg.to(device=device, dtype=dtype)
 
 
-def save_aggregator(path, aggregator: Aggregator, layout: UNetLayout, experts, training=None):
+def save_aggregator(path, aggregator: Aggregator, layout: Layout, experts, training=None):
     meta = {"format_version": FORMAT_VERSION, "architecture": "ldm-unet",
             "num_models": aggregator.config.num_models, "config": aggregator.config.to_dict(),
             "layout": layout.signature(), "point_names": layout.point_names,
@@ -119,7 +74,7 @@ def load_aggregator(path) -> AggregatorFile:
                           state_dict=tensors, path=str(path))
 
 
-def check_fits(agg_file: AggregatorFile, layout: UNetLayout, expert_names, expert_hashes=None):
+def check_fits(agg_file: AggregatorFile, layout: Layout, expert_names, expert_hashes=None):
     """Raise AggregatorMismatchError if the file cannot drive this ensemble; warn if it was
     trained on other experts (it will run, but was not trained for them)."""
     name = Path(agg_file.path).name or "aggregator"
@@ -128,8 +83,12 @@ def check_fits(agg_file: AggregatorFile, layout: UNetLayout, expert_names, exper
         raise AggregatorMismatchError(
             f"{name} was trained for {agg_file.config.num_models} models, this ensemble has {n} "
             f"({', '.join(expert_names)}). Use an aggregator trained on these models, train one, or pick 'none'.")
-    if agg_file.layout != layout.signature():
-        ours, theirs = layout.signature(), agg_file.layout
+    ours, theirs = layout.signature(), agg_file.layout
+    if signature_family(theirs) != signature_family(ours):
+        raise AggregatorMismatchError(
+            f"{name} was trained for {signature_family(theirs)} models, this ensemble is of {layout.family} "
+            f"models ({', '.join(expert_names)}). Use an aggregator trained for this model family.")
+    if theirs != ours:
         diff = [k for k in ours if ours[k] != theirs.get(k)]
         raise AggregatorMismatchError(
             f"{name} was trained on another architecture ({', '.join(diff)} differ: "
@@ -145,7 +104,7 @@ def check_fits(agg_file: AggregatorFile, layout: UNetLayout, expert_names, exper
     return True
 
 
-def import_research_aggregator(folder, layout: UNetLayout) -> AggregatorFile:
+def import_research_aggregator(folder, layout: Layout) -> AggregatorFile:
     """Read the research code's save format: folder/aggregator_{j}/{aggregator.safetensors,config.json}."""
     folder = Path(folder)
     parts = sorted(folder.glob("aggregator_*/config.json"), key=lambda p: int(p.parent.name.split("_")[1]))

@@ -15,9 +15,7 @@ The cache stores exactly what ``encode_images`` returns (e.g. raw VAE latents, b
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, Union
@@ -28,18 +26,11 @@ from safetensors.torch import load_file, save_file
 from afa_nodes import logger
 from afa_nodes.core.dataset import SHOW_NAMES, ImageDataset
 from afa_nodes.core.errors import DatasetError
+from afa_nodes.core.files import atomic_write, file_sha256
 
 CACHE_VERSION = "afa-dataset-cache-v1"
 Progress = Callable[[int, int], None]  # (done, total)
 TextOut = Union[torch.Tensor, Mapping[str, torch.Tensor], Sequence]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _key(*parts) -> str:
@@ -47,14 +38,8 @@ def _key(*parts) -> str:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
-    """safetensors to a temp name in the same folder, then os.replace (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                                             str(tmp), metadata=meta))
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

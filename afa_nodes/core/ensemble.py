@@ -1,36 +1,19 @@
-"""The ensembled UNet forward (paper Algorithm 1) and the ways to mix experts.
+"""The ensembled forward (paper Algorithm 1), architecture-neutral, and the ways to mix experts.
 
-The executor is host-free: each expert is an adapter (see `Expert`) that runs one block
-of its UNet; the host (ComfyUI layer) implements it with its own block dispatch.
-All experts run every block on the same input; a `Mixer` turns their N outputs into one
-feature that feeds block j+1 of every expert and the skip stack.
+The executor is host-free: each expert is an adapter of its family (e.g. core.unet.UNetExpert)
+implemented by the host (the ComfyUI layer) with its own block dispatch. The layout's `walk`
+says which blocks run in which order and what is carried; the executor runs each block on
+every expert (on the same input) and a `Mixer` turns the N outputs into one feature that
+feeds the next block of every expert.
 """
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .errors import AFAError
-from .layout import UNetLayout
-
-
-class Expert(Protocol):
-    """One frozen UNet, block by block. Shapes: h (batch, channels, height, width)."""
-
-    def embed(self, timesteps, y, dtype): ...                        # -> emb (batch, time_embed_dim)
-    def run_block(self, stage, index, h, emb, context, output_shape=None): ...
-    def head(self, h): ...                                           # `out` head -> eps
-
-
-class Hooks:
-    """Per-block host hooks (ControlNet residuals, block patches), each applied ONCE per
-    block. `hs` is the list of per-model streams; after an aggregated point all entries are
-    the same tensor. Default: no-op."""
-
-    def after_input(self, index, hs): return hs        # -> what goes onto the skip stack
-    def after_skip(self, index, hs): return hs         # -> what feeds the next block
-    def after_middle(self, hs): return hs
-    def before_output(self, index, hs, skips): return hs, skips
+from .layout import Layout
+from .spec import EnsembleSpec, Mode, StepContext, parse_weights
 
 
 class Mixer:
@@ -112,7 +95,7 @@ def noise_average_mixer(num_points, n):
     return ConstantMixer([None] * (num_points - 1) + [[1.0 / n] * n])
 
 
-def fixed_weights_mixer(layout: UNetLayout, group_weights: dict):
+def fixed_weights_mixer(layout: Layout, group_weights: dict):
     """group_weights: {"input"|"middle"|"output": [w_1..w_N]} (final counts as output);
     each vector is normalised to sum 1."""
     table = []
@@ -126,85 +109,79 @@ def fixed_weights_mixer(layout: UNetLayout, group_weights: dict):
 
 
 class EnsembleExecutor:
-    """Runs N experts block by block and mixes them at every aggregation point.
+    """Runs N experts block by block along `layout.walk` and mixes them at every aggregation point.
 
     Resolved once per MODEL (layout, mixer); the per-step call is tensor code.
-    `recorder(point, weights)` (optional, per call) sees every weight map;
+    `ctx.recorder(point, weights, ctx)` (optional, per call) sees every weight map;
     `checkpoint_blocks` recomputes frozen blocks in backward to save memory when training.
     """
 
-    def __init__(self, layout: UNetLayout, mixer: Mixer, checkpoint_blocks: bool = False):
+    def __init__(self, layout: Layout, mixer: "Mixer", checkpoint_blocks: bool = False):
         self.layout, self.mixer = layout, mixer
         self.checkpoint_blocks = checkpoint_blocks
-        stages = [p.stage for p in layout.points]
-        self.num_input = stages.count("input")
-        self.num_output = stages.count("output") + 1
 
-    def __call__(self, experts, x, timesteps, contexts, ys=None, hooks: Hooks = Hooks(),
-                 recorder: Optional[Callable] = None, step=None):
-        n = len(experts)
-        self._recorder = recorder
-        self.mixer.begin(step)
-        ys = ys if ys is not None else [None] * n
-        embs = [e.embed(timesteps, y, x.dtype) for e, y in zip(experts, ys)]
-        temb = embs[0] if n == 1 else torch.stack(embs).mean(0)
-        cbar = contexts[0] if all(c is contexts[0] for c in contexts) else torch.stack(contexts).mean(0)
-        point = 0
-        hs, skips = [x] * n, []
-        for i in range(self.num_input):
-            hs = self._mix(point, self._run(experts, "input", i, hs, embs, contexts), temb, cbar)
-            point += 1
-            hs = hooks.after_input(i, hs)
-            skips.append(hs)
-            hs = hooks.after_skip(i, hs)
-        hs = self._mix(point, self._run(experts, "middle", 0, hs, embs, contexts), temb, cbar)
-        point += 1
-        hs = hooks.after_middle(hs)
-        for i in range(self.num_output):
-            hs, skip = hooks.before_output(i, hs, skips.pop())
-            hs = _concat_streams(hs, skip)
-            output_shape = skips[-1][0].shape if skips else None
-            outs = self._run(experts, "output", i, hs, embs, contexts, output_shape)
-            if i == self.num_output - 1:
-                outs = [e.head(o) for e, o in zip(experts, outs)]
-            hs = self._mix(point, outs, temb, cbar)
-            point += 1
-        if any(h is not hs[0] for h in hs):
-            raise AFAError("the mixer left the final noise predictions unmixed")
-        return hs[0]
+    def __call__(self, experts, x, timesteps, contexts, ys=None, hooks=None, ctx: Optional[StepContext] = None):
+        """The UNet-style call: x (batch, C, H, W), timesteps (batch,), one context per expert."""
+        return self.forward(experts, {"x": x, "timesteps": timesteps, "contexts": contexts, "ys": ys,
+                                      "hooks": hooks}, ctx)
 
-    def _run(self, experts, stage, index, hs, embs, contexts, output_shape=None):
+    def forward(self, experts, inputs: dict, ctx: Optional[StepContext] = None):
+        """Any family: `inputs` as the layout's walk documents them."""
+        ctx = ctx or StepContext()
+        self.mixer.begin(ctx.step_key)
+        return self.layout.walk(experts, inputs, _Engine(self, ctx))
+
+
+class _Engine:
+    """What a layout's walk uses, for one call: run a block on every expert, mix at a point."""
+
+    def __init__(self, executor: EnsembleExecutor, ctx: StepContext):
+        self.mixer, self.ctx = executor.mixer, ctx
+        self.checkpointing = executor.checkpoint_blocks and torch.is_grad_enabled()
+
+    def run(self, block, experts, *streams):
+        """block(expert, *tensors) -> tensor, for each expert with its own entry of each stream."""
         outs = []
-        for expert, h, emb, context in zip(experts, hs, embs, contexts):
-            def block(h, emb, context, expert=expert):
-                return expert.run_block(stage, index, h, emb, context, output_shape)
-            if self.checkpoint_blocks and torch.is_grad_enabled():
-                outs.append(checkpoint(block, h, emb, context, use_reentrant=False))
+        for expert, *args in zip(experts, *streams):
+            if self.checkpointing:
+                outs.append(checkpoint(lambda *a, e=expert: block(e, *a), *args, use_reentrant=False))
             else:
-                outs.append(block(h, emb, context))
+                outs.append(block(expert, *args))
         return outs
 
-    def _mix(self, point, outs, temb, cbar):
+    def mix(self, point, outs, temb, cbar):
+        """N features (batch, C, *spatial) -> [mixed] * N, or the N streams unmixed when the mixer
+        says so (None) at this point."""
         if len(outs) == 1:
             return outs
-        features = torch.stack(outs, dim=1)  # (batch, models, channels, h, w)
+        features = torch.stack(outs, dim=1)  # (batch, models, channels, *spatial)
         w = self.mixer.weights(point, features, temb, cbar)
         if w is None:
             return outs
-        if self._recorder is not None:
-            self._recorder(point, w)
+        if self.ctx.recorder is not None:
+            self.ctx.recorder(point, w, self.ctx)
         # sum_i w_i y_i written as y_1 + sum_{i>1} w_i (y_i - y_1) (equal, as sum_i w_i = 1):
         # identical experts then give y_1 exactly, whatever the weights.
-        w = w.unsqueeze(2)  # (batch, models, 1, h, w)
+        w = w.unsqueeze(2)  # (batch, models, 1, *spatial)
         mixed = outs[0] + ((features[:, 1:] - features[:, :1]) * w[:, 1:]).sum(dim=1)
         return [mixed] * len(outs)
 
 
-def _concat_streams(hs, skips):
-    """Per stream cat([h, skip], channels); computed once when every stream is shared."""
-    if all(h is hs[0] for h in hs) and all(s is skips[0] for s in skips):
-        return [torch.cat([hs[0], skips[0]], dim=1)] * len(hs)
-    return [torch.cat([h, s], dim=1) for h, s in zip(hs, skips)]
+def mixer_for(spec: EnsembleSpec, layout: Layout, num_models: int, aggregator=None) -> "Mixer":
+    """The mixer of a checked spec (mode SINGLE_MODEL: one expert runs, nothing to mix)."""
+    points = len(layout.points)
+    mode = spec.mode
+    if mode is Mode.AGGREGATOR:
+        if aggregator is None:
+            raise AFAError("mode 'aggregator' needs an aggregator module.")
+        return SABWMixer(aggregator, refresh_every=spec.map_refresh)
+    if mode is Mode.BLOCK_AVERAGE:
+        return uniform_mixer(points, num_models)
+    if mode is Mode.NOISE_AVERAGE:
+        return noise_average_mixer(points, num_models)
+    if mode is Mode.FIXED_WEIGHTS:
+        return fixed_weights_mixer(layout, parse_weights(spec.weights, num_models))
+    return uniform_mixer(points, 1)
 
 
 class BlockScalarMixer(torch.nn.Module, Mixer):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .aggregator_file import atomic_write
+from .files import atomic_write
 
 
 def save_png(image: torch.Tensor, path, texts: Mapping[str, object] | None = None) -> Path:

@@ -1,10 +1,14 @@
-"""Aggregation points, derived from the UNet's own structure (no per-family tables).
+"""Aggregation points and layouts, architecture-neutral.
 
-Any LDM-style UNet (ComfyUI's UNetModel, SD1.x/2.x/SDXL) has `input_blocks`,
-`middle_block`, `output_blocks`, `time_embed` and an `out` head. AFA aggregates after
-every input block, after the middle block, after every output block but the last,
-and once more on the predicted noise ("final": last output block + `out` head).
-SD1.5 -> 25 points, SDXL -> 19.
+A *layout* is one architecture family's program for the ensemble: its aggregation points
+(in execution order, with each point's feature width), what must match between experts
+(`signature()`), and `walk(experts, inputs, engine)`: how each block is called and what is
+carried between blocks (the skip stack of a UNet; image and text streams of a DiT). The
+executor (core.ensemble) supplies the engine: it runs a block on every expert and mixes
+the outputs at a point. A new model family is a new layout class plus a `derive` function
+registered in FAMILIES; the engine and the mixers stay as they are.
+
+Families today: "unet" (LDM UNets: SD1.x, SD2.x, SDXL), see core/unet.py.
 """
 from dataclasses import asdict, dataclass
 
@@ -15,8 +19,8 @@ from .errors import IncompatibleModelsError
 
 @dataclass(frozen=True)
 class AggregationPoint:
-    stage: str       # "input" | "middle" | "output" | "final"
-    index: int       # block index within the stage (final: index of the last output block)
+    stage: str       # family-specific block group, e.g. "input" | "middle" | "output" | "final"
+    index: int       # block index within the stage (final: index of the last block)
     channels: int    # feature width of one model at this point
 
     @property
@@ -27,12 +31,10 @@ class AggregationPoint:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class UNetLayout:
-    points: tuple            # AggregationPoint, in execution order
-    context_dim: int         # cross-attention width (text)
-    time_embed_dim: int
-    adm_dim: int             # width of `y` (label embedding input), 0 when absent
+class Layout:
+    """Base of every family's layout (a frozen dataclass with at least `points`,
+    `context_dim` and `time_embed_dim`)."""
+    family = "?"
 
     @property
     def point_channels(self):
@@ -42,52 +44,38 @@ class UNetLayout:
     def point_names(self):
         return [p.name for p in self.points]
 
-    def signature(self):
+    def signature(self) -> dict:
         """What must match between experts, and between an aggregator file and a MODEL."""
-        return {"points": [[p.stage, p.index, p.channels] for p in self.points],
-                "context_dim": self.context_dim, "time_embed_dim": self.time_embed_dim,
-                "adm_dim": self.adm_dim}
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return (f"{self.family}: {len(self.points)} points, context {self.context_dim}, "
+                f"channels {'/'.join(str(c) for c in sorted(set(self.point_channels)))}")
+
+    def walk(self, experts, inputs: dict, engine):
+        """Run the ensemble once: `inputs` holds the family's model inputs (x, timesteps,
+        contexts, ...); `engine.run_block` / `engine.mix` run and mix one block. -> prediction."""
+        raise NotImplementedError
 
 
-def _block_out_channels(block: nn.Module, where: str) -> int:
-    """Output width of a block: its last layer's `out_channels`, or `in_channels` for
-    width-preserving layers (spatial transformers)."""
-    for layer in reversed(list(block.children()) or [block]):
-        for attr in ("out_channels", "in_channels"):
-            value = getattr(layer, attr, None)
-            if isinstance(value, int):
-                return value
-    raise IncompatibleModelsError(f"cannot tell the output channels of {where} ({type(block).__name__}); "
-                                  "AFA supports LDM UNets (SD1.x, SD2.x, SDXL).")
+def signature_family(signature: dict) -> str:
+    """Aggregator files written before families existed hold UNet signatures without the key."""
+    return signature.get("family", "unet")
 
 
-def _context_dim(unet: nn.Module) -> int:
-    for name, module in unet.named_modules():
-        if name.endswith("attn2") and hasattr(module, "to_k"):
-            return module.to_k.in_features
-    return 0
+def _families():
+    from . import unet
+    return [(unet.matches, unet.derive_unet_layout)]
 
 
-def derive_layout(unet: nn.Module, what: str = "model") -> UNetLayout:
-    for attr in ("input_blocks", "middle_block", "output_blocks", "time_embed", "out"):
-        if getattr(unet, attr, None) is None:
-            raise IncompatibleModelsError(
-                f"{what} has no `{attr}`: it is a {type(unet).__name__}, not an LDM UNet. "
-                "AFA supports SD1.x, SD2.x and SDXL UNets; DiT models (FLUX, SD3) are not supported yet.")
-    points = [AggregationPoint("input", i, _block_out_channels(b, f"input block {i}"))
-              for i, b in enumerate(unet.input_blocks)]
-    points.append(AggregationPoint("middle", 0, _block_out_channels(unet.middle_block, "middle block")))
-    last = len(unet.output_blocks) - 1
-    points += [AggregationPoint("output", i, _block_out_channels(b, f"output block {i}"))
-               for i, b in enumerate(unet.output_blocks) if i < last]
-    points.append(AggregationPoint("final", last, _block_out_channels(unet.out, "out head")))
-    label_emb = getattr(unet, "label_emb", None)
-    adm_dim = 0
-    if label_emb is not None:
-        first_linear = next(m for m in label_emb.modules() if isinstance(m, nn.Linear))
-        adm_dim = first_linear.in_features
-    return UNetLayout(points=tuple(points), context_dim=_context_dim(unet),
-                      time_embed_dim=unet.time_embed[-1].out_features, adm_dim=adm_dim)
+def derive_layout(model: nn.Module, what: str = "model") -> Layout:
+    """The layout of a diffusion model (ComfyUI's `diffusion_model` module), from its structure."""
+    for matches, derive in _families():
+        if matches(model):
+            return derive(model, what)
+    raise IncompatibleModelsError(
+        f"{what} is a {type(model).__name__}, which AFA cannot ensemble yet: supported are LDM UNets "
+        "(SD1.x, SD2.x, SDXL). DiT models (FLUX, SD3) are not supported yet.")
 
 
 def check_same_layout(layouts, names):
@@ -97,13 +85,16 @@ def check_same_layout(layouts, names):
         other = layout.signature()
         if other == first:
             continue
-        diffs = [k for k in first if first[k] != other[k]]
+        diffs = [k for k in first if first[k] != other.get(k)]
         raise IncompatibleModelsError(
-            f"'{name}' does not match '{names[0]}' ({', '.join(diffs)} differ: "
-            f"{_describe(layouts[0])} vs {_describe(layout)}). AFA mixes block features, so all "
+            f"'{name}' does not match '{names[0]}' ({', '.join(diffs) or 'family'} differ: "
+            f"{layouts[0].describe()} vs {layout.describe()}). AFA mixes block features, so all "
             "models must share one architecture (e.g. all SD1.5 or all SDXL fine-tunes).")
 
 
-def _describe(layout: UNetLayout) -> str:
-    return (f"{len(layout.points)} points, context {layout.context_dim}, "
-            f"channels {'/'.join(str(c) for c in sorted(set(layout.point_channels)))}")
+def __getattr__(name):
+    """`UNetLayout` lives in core/unet.py (which imports this module); reachable here too."""
+    if name == "UNetLayout":
+        from .unet import UNetLayout
+        return UNetLayout
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

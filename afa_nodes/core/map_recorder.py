@@ -1,23 +1,22 @@
 """Recording AFA's weight maps while sampling (host-free: torch only, no ComfyUI).
 
-A `MapRecorder` is the `recorder(point_index, weights, transformer_options)` an AFA
-MODEL calls at every aggregation point (the executor calls it only when one is set, so
-recording off costs nothing). It keeps one `MapRun` per sampling run: the host calls
-`begin_run` when sampling starts and `end_run(output)` when it ends, and the run keeps
-a copy of the output latent so a viewer can prove that maps and latent belong together
-(`find_run`).
+A `MapRecorder` is the `recorder(point_index, weights, ctx)` an AFA MODEL calls at every
+aggregation point (the executor calls it only when one is set, so recording off costs
+nothing). It keeps one `MapRun` per sampling run: the host calls `begin_run` when sampling
+starts and `end_run(output)` when it ends, and the run keeps a copy of the output latent
+so a viewer can prove that maps and latent belong together (`find_run`).
 
 Points and steps to record are chosen by `map_selection`, before sampling. Memory: maps
 are area-pooled to `max_side`, stored fp16 on the CPU, at most `cap_mb` MB over the runs
 one recorder keeps (older finished runs are dropped first; then the current run stops
 recording, with one warning in the log).
 
-Rows of one UNet call are grouped per conditioning entry (ComfyUI's calc_cond_batch):
-transformer_options["cond_or_uncond"][k] (0 cond, 1 uncond) owns rows [k*B, (k+1)*B).
-The step index comes from transformer_options["sigmas"] looked up in the sampler's
-schedule (transformer_options["sample_sigmas"], else the sigmas given to `begin_run`),
-else from counting distinct sigmas. Several evaluations of one step (e.g. Heun's
-corrector, conds split over calls) keep the first map recorded for that step.
+Rows of one model call are grouped per conditioning entry: `ctx.rows[k]` (0 cond,
+1 uncond) owns rows [k*B, (k+1)*B). The step index comes from `ctx.sigma` looked up in the
+sampler's schedule (`ctx.schedule`, else the sigmas given to `begin_run`), else from
+counting distinct sigmas. Several evaluations of one step (e.g. Heun's corrector, conds
+split over calls) keep the first map recorded for that step. (`ctx` is a core.spec.StepContext
+that the host builds once per model call.)
 """
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from afa_nodes import logger
 from afa_nodes.core.errors import AFAError
 from afa_nodes.core.map_render import _LUT, PALETTE, RecordedMaps
 from afa_nodes.core.map_selection import StepSelection, parse_points
+from afa_nodes.core.spec import StepContext
 
 BRANCHES = {0: "cond", 1: "uncond"}
 MAX_RUNS = 8            # runs one recorder keeps (older ones are dropped first)
@@ -90,7 +90,7 @@ def latent_matches(output: torch.Tensor | None, latent: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------- recorder
 class MapRecorder:
-    """recorder(point_index, weights [rows, N, H, W], transformer_options) for one AFA MODEL."""
+    """recorder(point_index, weights [rows, N, H, W], ctx: StepContext) for one AFA MODEL."""
 
     def __init__(self, model_names: list[str], point_names: list[str], points: str = "all",
                  steps: str = "all", max_side: int = 64, cap_mb: float = 256, enabled: bool = True,
@@ -106,7 +106,7 @@ class MapRecorder:
         self.created = time.time()
         self.runs: list[MapRun] = []
         self.current: MapRun | None = None
-        self._opts, self._step, self._schedule_key, self._schedule = None, None, None, None
+        self._ctx, self._step, self._schedule_key, self._schedule = None, None, None, None
 
     @classmethod
     def disabled(cls, model_names, point_names, mode=""):
@@ -130,7 +130,7 @@ class MapRecorder:
             self.runs.pop(0)
         with _REGISTRY_LOCK:
             _REGISTRY[run.run_id] = run
-        self.current, self._opts, self._schedule = run, None, (schedule or None)
+        self.current, self._ctx, self._schedule = run, None, (schedule or None)
         self._schedule_key = None
         return run
 
@@ -153,20 +153,20 @@ class MapRecorder:
 
     def _close(self, run, status):
         run.status, run.finished = status, time.time()
-        self.current, self._opts = None, None
+        self.current, self._ctx = None, None
 
     # -- the hot path
-    def __call__(self, point: int, weights: torch.Tensor, transformer_options: dict) -> None:
+    def __call__(self, point: int, weights: torch.Tensor, ctx: StepContext) -> None:
         run = self.current
         if run is None or run.stopped or point not in self._wanted:
             return
-        if transformer_options is not self._opts:  # once per UNet call
-            self._opts, self._step = transformer_options, self._step_of(run, transformer_options)
+        if ctx is not self._ctx:  # once per model call
+            self._ctx, self._step = ctx, self._step_of(run, ctx)
         if self._step is None:
             return
         step, sigma = self._step
         name = self.all_points[point]
-        cou = list(transformer_options.get("cond_or_uncond") or [0])
+        cou = list(ctx.rows or [0])
         rows = weights.shape[0]
         if rows % len(cou):
             cou = [0]
@@ -185,13 +185,12 @@ class MapRecorder:
             run.maps.add(step, name, branch, a, sigma=sigma, max_side=self.max_side)
             run.nbytes += size
 
-    def _step_of(self, run: MapRun, opts: dict):
+    def _step_of(self, run: MapRun, ctx: StepContext):
         """(step, sigma) of this call, or None when the step is not recorded."""
-        sig = opts.get("sigmas")
-        if sig is None:
+        if ctx.sigma is None:
             return None
-        sigma = float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) else float(sig)
-        sample_sigmas = opts.get("sample_sigmas")
+        sigma = ctx.sigma
+        sample_sigmas = ctx.schedule
         if sample_sigmas is not None and sample_sigmas is not self._schedule_key:
             self._schedule_key, self._schedule = sample_sigmas, _floats(sample_sigmas) or self._schedule
         schedule = self._schedule

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from .. import logger
-from .aggregator_file import AggregatorFile, atomic_write, check_fits, load_aggregator
+from .aggregator_file import AggregatorFile, check_fits, load_aggregator
+from .files import atomic_write
 from .errors import TrainingError
 
 STATE_SUFFIX = ".train-state"
