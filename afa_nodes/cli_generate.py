@@ -4,12 +4,14 @@ write the image, next to each base model's image for the same seed.
 Without --checkpoint it builds small SYNTHETIC demo checkpoints (random weights, clearly
 named so) to show the whole pipeline working in about a minute on a CPU.
 """
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import logger
 from .core.image_file import save_png
+from .core.spec import MODE_NAMES, Mode
 
 DEMO_DIR = Path.home() / ".cache" / "comfyui-afa" / "demo-checkpoints"
 
@@ -18,9 +20,9 @@ def add_arguments(p):
     p.add_argument("--checkpoint", action="append", default=[],
                    help="checkpoint file (2-6 times); default: synthetic demo checkpoints")
     p.add_argument("--aggregator", help="aggregator .safetensors (mode 'aggregator')")
-    p.add_argument("--mode", default=None, help="aggregator | block-wise average | noise average | "
-                   "fixed weights | single model (default: aggregator if given, else block-wise average)")
-    p.add_argument("--weights", default="", help="for 'fixed weights', e.g. '0.6,0.4'")
+    p.add_argument("--mode", default=None, help=f"{' | '.join(MODE_NAMES)} (default: {Mode.AGGREGATOR} "
+                   f"if --aggregator is given, else {Mode.BLOCK_AVERAGE})")
+    p.add_argument("--weights", default="", help=f"for '{Mode.FIXED_WEIGHTS}', e.g. '0.6,0.4'")
     p.add_argument("--prompt", default="a watercolor painting of a lighthouse at dawn")
     p.add_argument("--negative", default="")
     p.add_argument("--width", type=int, default=None)
@@ -41,12 +43,9 @@ def add_arguments(p):
 def run(args) -> int:
     from .comfy_env import boot_comfyui
     boot_comfyui(args.comfyui)
-    import comfy.sd
-    import folder_paths
-    import nodes
-
-    from .core.aggregator_file import load_aggregator
-    from .nodes_ensemble import AFAEnsembleLoader, NONE
+    from .core.errors import AFAError
+    from .core.spec import EnsembleSpec, parse_mode
+    from .service import maps, models, sampling
 
     synthetic = not args.checkpoint
     if synthetic:
@@ -57,65 +56,45 @@ def run(args) -> int:
                        "--checkpoint B to ensemble your own models.", DEMO_DIR)
     else:
         paths = [Path(p).expanduser().resolve() for p in args.checkpoint]
-    for path in paths:
-        if not path.is_file():
-            logger.error("checkpoint not found: %s", path)
-            return 2
-        folder_paths.add_model_folder_path("checkpoints", str(path.parent))
-    if args.aggregator:
-        folder_paths.add_model_folder_path("afa", str(Path(args.aggregator).resolve().parent))
-    mode = args.mode or ("aggregator" if args.aggregator else "block-wise average")
-    width = args.width or (128 if synthetic else 512)
-    height = args.height or (128 if synthetic else 512)
-    steps = args.steps or (8 if synthetic else 20)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = dict(prompt=args.prompt, negative=args.negative, width=width, height=height, steps=steps,
-                    cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, mode=mode,
-                    checkpoints=[p.name for p in paths], aggregator=args.aggregator, synthetic=synthetic)
-
-    with torch.inference_mode():
-        ckpts = {f"ckpt_{i + 1}": p.name for i, p in enumerate(paths)}
-        agg_name = Path(args.aggregator).name if args.aggregator else NONE
-        if args.aggregator:
-            load_aggregator(args.aggregator)  # fail early with the file's own message
-        model, clip, vae = AFAEnsembleLoader().load(agg_name, mode, args.weights, 1, **ckpts)
-        recorder = None
-        if args.maps != "none" and mode != "single model":
-            from .nodes_maps import record
-            model, recorder = record(model, points="all")
-        path, samples, image = _sample_and_save(nodes, model, clip, vae, settings, out_dir / "afa_ensemble.png")
-        written = [path]
-        if recorder is not None:
-            written += _save_maps(recorder, samples, image, args.maps, out_dir)
-        if not args.no_compare:
-            for path in paths:
-                base, base_clip, base_vae = comfy.sd.load_checkpoint_guess_config(str(path))[:3]
-                written.append(_sample_and_save(nodes, base, base_clip, base_vae, settings,
-                                                out_dir / f"base_{path.stem}.png")[0])
+    try:
+        mode = parse_mode(args.mode) if args.mode else (Mode.AGGREGATOR if args.aggregator else Mode.BLOCK_AVERAGE)
+        spec = EnsembleSpec.from_ui([str(p) for p in paths], mode, args.aggregator, args.weights).checked()
+        size = 128 if synthetic else 512
+        settings = sampling.SampleSettings(
+            prompt=args.prompt, negative=args.negative, width=args.width or size, height=args.height or size,
+            steps=args.steps or (8 if synthetic else 20), cfg=args.cfg, sampler=args.sampler,
+            scheduler=args.scheduler, seed=args.seed).checked()
+        written = _generate(spec, settings, synthetic, args, models, sampling, maps)
+    except AFAError as e:
+        logger.error("%s", e)
+        return 2
     for path in written:
         logger.info("wrote %s", path)
     return 0
 
 
-def _sample_and_save(nodes, model, clip, vae, settings, path):
-    s = settings
-    positive = nodes.CLIPTextEncode().encode(clip, s["prompt"])[0]
-    negative = nodes.CLIPTextEncode().encode(clip, s["negative"])[0]
-    latent = nodes.EmptyLatentImage().generate(s["width"], s["height"], 1)[0]
-    samples = nodes.KSampler().sample(model, s["seed"], s["steps"], s["cfg"], s["sampler"], s["scheduler"],
-                                      positive, negative, latent)[0]
-    images = nodes.VAEDecode().decode(vae, samples)[0]
-    save_png(images[0], path, {"afa": dict(s, image=path.name)})
-    return path, samples, images
-
-
-def _save_maps(recorder, samples, image, points, out_dir):
-    """Attention maps of the ensemble run: grid per point (rows = steps), dominant model, overlay, chart."""
-    from .nodes_maps import AFAAttentionPreview
-    grids, dominant, overlay, chart = AFAAttentionPreview().preview(
-        recorder, samples, points, -1, "cond", 0, 96, image)["result"]
-    outputs = [(f"afa_maps_grid_{i}.png", g) for i, g in enumerate(grids)]
-    outputs += [("afa_maps_dominant.png", dominant[0]), ("afa_maps_overlay.png", overlay[0]),
-                ("afa_maps_chart.png", chart[0])]
-    return [save_png(img, out_dir / name) for name, img in outputs]
+def _generate(spec, settings, synthetic, args, models, sampling, maps) -> list:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [Path(p).name for p in spec.checkpoints]
+    meta = dict(asdict(settings), mode=spec.mode.value, checkpoints=names, aggregator=args.aggregator,
+                synthetic=synthetic)
+    with torch.inference_mode():
+        loaded = models.load_ensemble(spec)
+        model, recorder = loaded.model, None
+        if args.maps != "none" and spec.mode.mixes:
+            model, recorder = maps.record_maps(model, points="all")
+        samples, images = sampling.sample(model, loaded.clip, loaded.vae, settings)
+        written = [save_png(images[0], out_dir / "afa_ensemble.png", {"afa": dict(meta, image="afa_ensemble.png")})]
+        if recorder is not None:
+            preview = maps.preview_maps(recorder, samples, args.maps, -1, "cond", 0, 96, images)
+            outputs = [(f"afa_maps_grid_{i}.png", g) for i, g in enumerate(preview.grid)]
+            outputs += [("afa_maps_dominant.png", preview.dominant[0]), ("afa_maps_overlay.png", preview.overlay[0]),
+                        ("afa_maps_chart.png", preview.chart[0])]
+            written += [save_png(img, out_dir / name) for name, img in outputs]
+        if not args.no_compare:  # each base model once, re-using the ensemble's loaded checkpoints
+            for ckpt in {c.path: c for c in loaded.checkpoints}.values():
+                path = out_dir / f"base_{ckpt.path.stem}.png"
+                _, base_images = sampling.sample(ckpt.model, ckpt.clip, ckpt.vae, settings)
+                written.append(save_png(base_images[0], path, {"afa": dict(meta, image=path.name)}))
+    return written

@@ -165,16 +165,16 @@ def test_generate_saves_the_ensemble_beside_each_base_model_with_settings(genera
 
 
 def test_generated_images_equal_the_cli_code_path(generated, names, tmp_path):
-    """The studio runs the same nodes as `python -m afa_nodes generate`: same pixels for the same seed."""
-    import nodes
-
-    from afa_nodes.cli_generate import _sample_and_save
-    from afa_nodes.nodes_ensemble import NONE, AFAEnsembleLoader
-    settings = dict(SMALL, sampler="euler", scheduler="normal")
+    """The studio runs the service layer's sequence, as `python -m afa_nodes generate` and the nodes
+    do: same pixels for the same seed."""
+    from afa_nodes.core.image_file import save_png
+    from afa_nodes.core.spec import EnsembleSpec
+    from afa_nodes.service import models, sampling
+    settings = sampling.SampleSettings(**SMALL, sampler="euler", scheduler="normal")
     with torch.inference_mode():
-        model, clip, vae = AFAEnsembleLoader().load(NONE, "block-wise average", "", 1, ckpt_1=names[0],
-                                                    ckpt_2=names[1])
-        cli_ensemble = _sample_and_save(nodes, model, clip, vae, settings, tmp_path / "ensemble.png")[0]
+        loaded = models.load_ensemble(EnsembleSpec(checkpoints=tuple(names[:2])))
+        images = sampling.sample(loaded.model, loaded.clip, loaded.vae, settings)[1]
+    cli_ensemble = save_png(images[0], tmp_path / "ensemble.png")
     pixels = lambda p: np.asarray(Image.open(p).convert("RGB"))  # noqa: E731
     studio_ensemble, studio_base = generated.gallery[0][0], generated.gallery[1][0]
     assert np.array_equal(pixels(studio_ensemble), pixels(cli_ensemble))

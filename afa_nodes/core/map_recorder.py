@@ -34,7 +34,7 @@ from afa_nodes import logger
 from afa_nodes.core.errors import AFAError
 from afa_nodes.core.map_render import _LUT, PALETTE, RecordedMaps
 from afa_nodes.core.map_selection import StepSelection, parse_points
-from afa_nodes.core.spec import StepContext
+from afa_nodes.core.spec import Mode, StepContext, parse_mode
 
 BRANCHES = {0: "cond", 1: "uncond"}
 MAX_RUNS = 8            # runs one recorder keeps (older ones are dropped first)
@@ -94,7 +94,7 @@ class MapRecorder:
 
     def __init__(self, model_names: list[str], point_names: list[str], points: str = "all",
                  steps: str = "all", max_side: int = 64, cap_mb: float = 256, enabled: bool = True,
-                 mode: str = ""):
+                 mode: Mode | str | None = None):
         self.model_names, self.all_points = list(model_names), list(point_names)
         self.points = parse_points(points, self.all_points)
         self._wanted = frozenset(self.points)
@@ -102,14 +102,14 @@ class MapRecorder:
         if max_side < 1 or cap_mb <= 0:
             raise AFAError(f"max_side ({max_side}) and cap_mb ({cap_mb}) must be positive.")
         self.max_side, self.cap_bytes = int(max_side), int(cap_mb * 2**20)
-        self.enabled, self.mode = enabled, mode
+        self.enabled, self.mode = enabled, parse_mode(mode) if mode else None
         self.created = time.time()
         self.runs: list[MapRun] = []
         self.current: MapRun | None = None
         self._ctx, self._step, self._schedule_key, self._schedule = None, None, None, None
 
     @classmethod
-    def disabled(cls, model_names, point_names, mode=""):
+    def disabled(cls, model_names, point_names, mode=None):
         return cls(model_names, point_names, enabled=False, mode=mode)
 
     # -- run lifecycle (called by the host around each sampling run)
@@ -241,10 +241,10 @@ class MapRecorder:
                        "output of the sampler that uses the recording MODEL, unchanged, to the preview.")
 
     def _why_empty(self, run: MapRun) -> str:
-        if self.mode == "single model":
-            return "The ensemble runs in mode 'single model', which mixes nothing: there are no maps."
-        if self.mode == "noise average" and "final" not in [self.all_points[p] for p in self.points]:
-            return "Mode 'noise average' mixes only the 'final' point: record 'final' (or 'all')."
+        if self.mode is Mode.SINGLE_MODEL:
+            return f"The ensemble runs in mode '{self.mode}', which mixes nothing: there are no maps."
+        if self.mode is Mode.NOISE_AVERAGE and "final" not in [self.all_points[p] for p in self.points]:
+            return f"Mode '{self.mode}' mixes only the 'final' point: record 'final' (or 'all')."
         if run.notes:
             return " ".join(run.notes)
         return f"Steps '{self.steps.text}' matched none of the run's {run.total_steps or '?'} steps."

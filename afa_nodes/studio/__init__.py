@@ -1,8 +1,8 @@
 """AFA Studio: a gradio web UI over the pack's own code paths (`python -m afa_nodes studio`).
 
-A thin front end: generation runs the AFA Ensemble Loader, ComfyUI's KSampler and
-VAE Decode; training runs `training_host.train_from_comfy` like AFA Train Aggregator;
-the maps come from `nodes_maps.record` and `core.map_render`. Checkpoints and
+A thin front end over the service layer (afa_nodes/service), like the nodes and the CLI:
+generation is `service.models.load_ensemble` + `service.sampling.sample` (ComfyUI's own
+nodes); training is `service.training.train`; the maps come from `service.maps`. Checkpoints and
 aggregators are listed by ComfyUI's `folder_paths` only (its model folders and
 extra_model_paths.yaml). One generation or training job runs at a time per process
 (`jobs.JobBoard`); gradio's queue orders the waiting requests.

@@ -8,33 +8,27 @@ from __future__ import annotations
 
 import os
 
-import comfy.samplers
 import folder_paths
 
 from ..core.errors import AFAError
-from ..ensemble_model import MAX_MODELS, MIN_MODELS, MODES
-from ..nodes_ensemble import NONE, register_afa_folder
+from ..core.spec import MAX_MODELS, MIN_MODELS, MODE_NAMES, Mode, parse_mode
+from ..service import models
+from ..service.sampling import samplers, schedulers
+
+NONE = models.NONE
+MODES = MODE_NAMES
 
 __all__ = ["NONE", "MODES", "checkpoints", "aggregators", "samplers", "schedulers", "dataset_folders",
            "check_checkpoints", "check_aggregator"]
 
 
 def checkpoints() -> list[str]:
-    return folder_paths.get_filename_list("checkpoints")
+    return models.checkpoint_names()
 
 
 def aggregators() -> list[str]:
     """`none` followed by the aggregators in every "afa" model folder."""
-    register_afa_folder()  # idempotent; the pack registers it on import, this keeps it after a reset
-    return [NONE] + folder_paths.get_filename_list("afa")
-
-
-def samplers() -> list[str]:
-    return list(comfy.samplers.KSampler.SAMPLERS)
-
-
-def schedulers() -> list[str]:
-    return list(comfy.samplers.KSampler.SCHEDULERS)
+    return [NONE] + models.aggregator_names()
 
 
 def dataset_folders() -> list[str]:
@@ -67,14 +61,12 @@ def check_checkpoints(names) -> list[str]:
 
 def check_aggregator(name: str, mode: str) -> str:
     """The aggregator name for `mode`: NONE for training-free modes; AFAError when missing."""
-    if mode not in MODES:
-        raise AFAError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}.")
-    if mode != "aggregator":
+    if not parse_mode(mode).needs_aggregator:
         return NONE
     if name in (None, "", NONE):
-        raise AFAError("mode 'aggregator' needs a trained aggregator: pick one from the list (models/afa), "
+        raise AFAError(f"mode '{Mode.AGGREGATOR}' needs a trained aggregator: pick one from the list (models/afa), "
                        "train one in the Train tab, or choose a training-free mode such as "
-                       "'block-wise average'.")
+                       f"'{Mode.BLOCK_AVERAGE}'.")
     if name not in aggregators():
         raise AFAError(f"aggregator '{name}' not found in ComfyUI's afa model folders "
                        f"({', '.join(folder_paths.get_folder_paths('afa'))}). Refresh the list.")

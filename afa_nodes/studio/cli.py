@@ -56,10 +56,11 @@ def _serve(args) -> int:
                         extra_model_paths=args.extra_model_paths_config)
     import folder_paths
 
-    from .. import nodes  # noqa: F401  (registers models/afa, as loading the pack does)
+    from ..service.models import register_afa_folder
     from .app import build_app, launch
     from .state import Studio
 
+    register_afa_folder()  # models/afa, as loading the pack in ComfyUI does
     studio = Studio()
     demo = build_app(studio)
     outputs = os.path.join(folder_paths.get_output_directory(), "afa_studio")

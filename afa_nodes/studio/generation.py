@@ -18,23 +18,18 @@ from typing import Callable, Optional
 
 import torch
 
-import comfy.sd
 import comfy.utils
 import folder_paths
-import nodes
 
 from .. import logger
 from ..core.errors import AFAError
 from ..core.image_file import save_png
-from ..ensemble_model import MAX_MODELS
-from ..nodes_ensemble import AFAEnsembleLoader, files_fingerprint
-from ..nodes_maps import record
+from ..core.spec import MAX_MODELS, EnsembleSpec, Mode
+from ..service import maps, models, sampling
 from . import catalog
 from .maps_view import MapsView
 
 OUTPUT_PREFIX = "afa_studio/afa"
-LIMITS = {"width": (64, 4096), "height": (64, 4096), "steps": (1, 1000), "batch": (1, 16), "cfg": (0.0, 100.0),
-          "seed": (0, 2**64 - 1), "model_index": (1, MAX_MODELS)}
 
 Progress = Callable[[float, str], None]   # (fraction 0..1, text)
 
@@ -43,10 +38,10 @@ Progress = Callable[[float, str], None]   # (fraction 0..1, text)
 class GenerateRequest:
     """What the Generate tab sends. `checked()` returns a validated copy or raises AFAError."""
     checkpoints: list
-    mode: str = "block-wise average"
+    mode: str = Mode.BLOCK_AVERAGE.value
     aggregator: str = catalog.NONE
     weights: str = ""
-    model_index: int = 1
+    model_index: int = 1        # 1-based, as shown
     prompt: str = ""
     negative: str = ""
     width: int = 512
@@ -64,33 +59,26 @@ class GenerateRequest:
         values = asdict(self)
         values["checkpoints"] = catalog.check_checkpoints(self.checkpoints)
         values["aggregator"] = catalog.check_aggregator(self.aggregator, self.mode)
-        for name, (lo, hi) in LIMITS.items():
-            value = values[name]
-            if value is None or not lo <= value <= hi:
-                raise AFAError(f"{name} must be between {lo} and {hi}, got {value}.")
-            values[name] = float(value) if isinstance(lo, float) else int(value)
-        for name in ("width", "height"):
-            if values[name] % 8:
-                raise AFAError(f"{name} must be a multiple of 8 (the latent is 1/8 of the image), got {values[name]}.")
-        if self.sampler not in catalog.samplers():
-            raise AFAError(f"unknown sampler '{self.sampler}'; ComfyUI offers: {', '.join(catalog.samplers())}.")
-        if self.scheduler not in catalog.schedulers():
-            raise AFAError(f"unknown scheduler '{self.scheduler}'; ComfyUI offers: "
-                           f"{', '.join(catalog.schedulers())}.")
-        if self.mode == "single model" and values["model_index"] > len(values["checkpoints"]):
-            raise AFAError(f"model index {values['model_index']} is out of range: "
-                           f"{len(values['checkpoints'])} checkpoints are chosen.")
-        values["prompt"], values["negative"] = self.prompt or "", self.negative or ""
+        if not 1 <= int(self.model_index or 0) <= MAX_MODELS:
+            raise AFAError(f"model_index must be between 1 and {MAX_MODELS}, got {self.model_index}.")
+        spec = EnsembleSpec.from_ui(values["checkpoints"], self.mode, values["aggregator"], self.weights,
+                                    self.model_index).checked()
+        values["mode"] = spec.mode.value
+        values.update(asdict(self._settings().checked()))
         return GenerateRequest(**values)
+
+    def _settings(self) -> sampling.SampleSettings:
+        return sampling.SampleSettings(**{k: getattr(self, k) for k in sampling.SampleSettings.__dataclass_fields__})
+
+    def spec(self) -> EnsembleSpec:
+        return EnsembleSpec.from_ui(self.checkpoints, self.mode, self.aggregator, self.weights, self.model_index)
 
     def label(self) -> str:
         return f"{len(self.checkpoints)} models, {self.mode}, {self.steps} steps, {self.width}x{self.height}"
 
     def settings(self) -> dict:
         """The settings embedded in every PNG (keys as in `python -m afa_nodes generate`)."""
-        return dict(prompt=self.prompt, negative=self.negative, width=self.width, height=self.height,
-                    steps=self.steps, cfg=self.cfg, sampler=self.sampler, scheduler=self.scheduler, seed=self.seed,
-                    mode=self.mode, weights=self.weights, model_index=self.model_index, batch=self.batch,
+        return dict(asdict(self._settings()), mode=self.mode, weights=self.weights, model_index=self.model_index,
                     checkpoints=list(self.checkpoints),
                     aggregator=None if self.aggregator == catalog.NONE else self.aggregator, app="AFA Studio")
 
@@ -110,36 +98,22 @@ class GenerationResult:
 
 
 class ModelCache:
-    """The last loaded ensemble and base checkpoints, re-used while the selection and the files
-    (size, mtime) stay the same; anything else is dropped, so at most one selection is held."""
+    """The last loaded ensemble (with its checkpoints, which compare mode samples alone: nothing is
+    loaded twice), re-used while the selection and the files (size, mtime) stay the same."""
 
     def __init__(self):
-        self._ensemble = None   # (key, (model, clip, vae))
-        self._bases = {}        # name -> (key, (model, clip, vae))
+        self._ensemble = None   # (key, service.models.LoadedEnsemble)
 
     def clear(self):
-        self._ensemble, self._bases = None, {}
+        self._ensemble = None
 
-    def ensemble(self, req: GenerateRequest):
-        key = (files_fingerprint("checkpoints", req.checkpoints), tuple(req.checkpoints),
-               files_fingerprint("afa", [req.aggregator]), req.aggregator, req.mode, req.weights, req.model_index)
+    def ensemble(self, req: GenerateRequest) -> models.LoadedEnsemble:
+        key = (models.files_fingerprint("checkpoints", req.checkpoints), tuple(req.checkpoints),
+               models.files_fingerprint("afa", [req.aggregator]), req.spec())
         if self._ensemble is None or self._ensemble[0] != key:
             self._ensemble = None  # free the old one before loading the new one
-            ckpts = {f"ckpt_{i + 1}": name for i, name in enumerate(req.checkpoints)}
-            loaded = AFAEnsembleLoader().load(req.aggregator, req.mode, req.weights, req.model_index, **ckpts)
-            self._ensemble = (key, loaded)
-        self._bases = {k: v for k, v in self._bases.items() if k in req.checkpoints}
+            self._ensemble = (key, models.load_ensemble(req.spec()))
         return self._ensemble[1]
-
-    def base(self, name: str):
-        key = files_fingerprint("checkpoints", [name])
-        if name not in self._bases or self._bases[name][0] != key:
-            path = folder_paths.get_full_path_or_raise("checkpoints", name)
-            loaded = comfy.sd.load_checkpoint_guess_config(
-                path, output_vae=True, output_clip=True,
-                embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
-            self._bases[name] = (key, loaded)
-        return self._bases[name][1]
 
 
 class StageProgress:
@@ -178,18 +152,18 @@ def generate(req: GenerateRequest, cache: ModelCache, progress: Optional[Progres
     bases = list(dict.fromkeys(req.checkpoints)) if req.compare else []  # a checkpoint chosen twice runs once
     stages = ["AFA ensemble"] + [f"base model {i + 1}/{len(bases)} ({name})" for i, name in enumerate(bases)]
     tracker = StageProgress(stages, progress)
-    settings = req.settings()
+    settings, sample_settings = req.settings(), req._settings()
     out_dir, prefix = _output_prefix(req)
     result = GenerationResult()
     with torch.inference_mode(), tracker.hooked():
         tracker.stage(0, "loading the checkpoints")
-        model, clip, vae = cache.ensemble(req)
-        _require_text_encoder(clip, req.checkpoints)
-        recorder = None
-        if req.record_maps and req.mode != "single model":
-            model, recorder = record(model, points="all")
+        loaded = cache.ensemble(req)
+        sampling.require_text_encoder(loaded.clip, req.checkpoints)
+        model, recorder = loaded.model, None
+        if req.record_maps and req.spec().mode.mixes:
+            model, recorder = maps.record_maps(model, points="all")
         tracker.stage(0, "sampling")
-        samples, images = _sample(model, clip, vae, req)
+        samples, images = sampling.sample(model, loaded.clip, loaded.vae, sample_settings)
         graph = comfy_prompt(req)
         for b in range(images.shape[0]):
             path = out_dir / f"{prefix}_ensemble_{b}.png"
@@ -197,17 +171,18 @@ def generate(req: GenerateRequest, cache: ModelCache, progress: Optional[Progres
             result.pictures.append(Picture(path, _ensemble_caption(req, b)))
         if recorder is not None:
             try:  # the images are saved: a maps problem (e.g. the recorder's memory cap) is only a note
-                result.maps = MapsView(recorder.find_run(samples), images, f"{req.mode}, seed {req.seed}")
+                result.maps = MapsView(recorder.find_run(samples["samples"]), images, f"{req.mode}, seed {req.seed}")
             except AFAError as e:
                 result.note = f"no attention maps: {e}"
         else:
-            result.note = ("no attention maps: mode 'single model' mixes nothing." if req.record_maps
+            result.note = (f"no attention maps: mode '{Mode.SINGLE_MODEL}' mixes nothing." if req.record_maps
                            else "attention maps were not recorded (turn on 'record attention maps').")
+        checkpoints = {c.name: c for c in loaded.checkpoints}  # compare re-uses the ensemble's checkpoints
         for i, name in enumerate(bases):
-            tracker.stage(1 + i, "loading")
-            base, base_clip, base_vae = cache.base(name)
-            _require_text_encoder(base_clip, [name])
-            _, base_images = _sample(base, base_clip, base_vae, req)
+            tracker.stage(1 + i, "sampling")
+            base = checkpoints[name]
+            sampling.require_text_encoder(base.clip, [name])
+            _, base_images = sampling.sample(base.model, base.clip, base.vae, sample_settings)
             graph = comfy_prompt(req, base=name)
             for b in range(base_images.shape[0]):
                 path = out_dir / f"{prefix}_base{i + 1}_{b}.png"
@@ -219,23 +194,8 @@ def generate(req: GenerateRequest, cache: ModelCache, progress: Optional[Progres
     return result
 
 
-def _sample(model, clip, vae, req: GenerateRequest):
-    positive = nodes.CLIPTextEncode().encode(clip, req.prompt)[0]
-    negative = nodes.CLIPTextEncode().encode(clip, req.negative)[0]
-    latent = nodes.EmptyLatentImage().generate(req.width, req.height, req.batch)[0]
-    samples = nodes.KSampler().sample(model, req.seed, req.steps, req.cfg, req.sampler, req.scheduler,
-                                      positive, negative, latent)[0]
-    return samples["samples"], nodes.VAEDecode().decode(vae, samples)[0]
-
-
-def _require_text_encoder(clip, names):
-    if clip is None:
-        raise AFAError(f"{', '.join(names)}: no text encoder (CLIP) in the checkpoint file(s). The studio needs "
-                       "full checkpoints (UNet + CLIP + VAE), like ComfyUI's Load Checkpoint.")
-
-
 def _ensemble_caption(req: GenerateRequest, b: int) -> str:
-    what = f"aggregator {req.aggregator}" if req.mode == "aggregator" else req.mode
+    what = f"aggregator {req.aggregator}" if req.spec().mode is Mode.AGGREGATOR else req.mode
     return f"AFA ensemble ({what})" + _nth(req, b)
 
 
