@@ -32,7 +32,8 @@ import torch
 
 from afa_nodes import logger
 from afa_nodes.core.errors import AFAError
-from afa_nodes.core.map_render import _LUT, PALETTE, RecordedMaps
+from afa_nodes.core.map_render import _LUT, PALETTE
+from afa_nodes.core.recorded_maps import RecordedMaps
 from afa_nodes.core.map_selection import StepSelection, parse_points
 from afa_nodes.core.spec import Mode, StepContext, parse_mode
 

@@ -1,7 +1,7 @@
 """Host-free rendering of recorded AFA aggregation maps (pure torch + numpy + PIL).
 
-The recorder fills a `RecordedMaps`; the render functions turn it into ComfyUI IMAGE
-tensors [1, H, W, 3] float32 in 0..1 (`to_pil` gives the PIL image back).
+The recorder fills a `RecordedMaps` (core/recorded_maps.py); the render functions turn it into
+ComfyUI IMAGE tensors [1, H, W, 3] float32 in 0..1 (core/image_file.to_pil gives the PIL image back).
 
 Sizes are deterministic and exposed through the `*_layout` functions (tests use them):
   grid:     W = max(GRID_MIN_W, 2*MARGIN + ROW_LABEL_W + N*(cell+GAP) - GAP)
@@ -14,8 +14,6 @@ with legend_height(N) = N*LEGEND_ROW_H + MARGIN, N models, S step rows, P points
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from afa_nodes import logger
 from afa_nodes.core.errors import AFAError
+from afa_nodes.core.image_file import to_image, to_pil  # noqa: F401  (IMAGE <-> PIL)
+from afa_nodes.core.recorded_maps import RecordedMaps
 
 MARGIN, GAP, TITLE_H, HEADER_H, ROW_LABEL_W, COLORBAR_H = 8, 6, 24, 34, 72, 30
 GRID_MIN_W, LEGEND_ROW_H, LEGEND_MIN_W = 260, 20, 240
@@ -35,73 +35,6 @@ _VIRIDIS = [(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144,
             (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)]
 _LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_VIRIDIS)),
                            [c[k] for c in _VIRIDIS]) for k in range(3)], 1).astype(np.uint8)
-
-
-@dataclass
-class RecordedMaps:
-    """Per-step softmax weight maps of one sampling run.
-
-    maps[(step, point_name, "cond"|"uncond")] = Tensor [B, N, h, w] float16 (reduced res).
-    sigmas, if given, is parallel to `steps`.
-    """
-    model_names: list[str]
-    point_names: list[str] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    sigmas: list[float] | None = None
-    maps: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def n_models(self) -> int:
-        return len(self.model_names)
-
-    @property
-    def branches(self) -> list[str]:
-        return sorted({k[2] for k in self.maps})
-
-    def add(self, step: int, point: str, branch: str, weights: torch.Tensor,
-            sigma: float | None = None, max_side: int = 64) -> None:
-        """Store A [B, N, H, W] (area-pooled so the longest side is <= max_side)."""
-        if weights.dim() != 4 or weights.shape[1] != self.n_models:
-            raise AFAError(f"map for {point!r} has shape {tuple(weights.shape)}, expected "
-                           f"[B, {self.n_models}, H, W] for models {self.model_names}")
-        a = weights.detach().float()
-        h, w = a.shape[-2:]
-        if max(h, w) > max_side:
-            s = max_side / max(h, w)
-            a = F.adaptive_avg_pool2d(a, (max(1, round(h * s)), max(1, round(w * s))))
-        if step not in self.steps:
-            self.steps.append(step)
-            if sigma is not None:
-                self.sigmas = (self.sigmas or []) + [float(sigma)]
-        if point not in self.point_names:
-            self.point_names.append(point)
-        self.maps[(step, point, branch)] = a.to("cpu", torch.float16)
-
-    def weights(self, step: int, point: str, branch: str = "cond",
-                batch_index: int = 0) -> torch.Tensor:
-        """Tensor [N, h, w] float32 of one recorded map; AFAError lists what exists."""
-        if point not in self.point_names:
-            raise AFAError(f"aggregation point {point!r} was not recorded; "
-                           f"available points: {', '.join(self.point_names) or 'none'}")
-        if step not in self.steps:
-            raise AFAError(f"step {step} was not recorded; available steps: "
-                           f"{', '.join(map(str, self.steps)) or 'none'}")
-        key = (step, point, branch)
-        if key not in self.maps:
-            have = sorted({k[2] for k in self.maps if k[:2] == (step, point)})
-            raise AFAError(f"no {branch!r} map for point {point!r} at step {step}; "
-                           f"branches recorded there: {', '.join(have) or 'none'} "
-                           f"(recorded branches overall: {', '.join(self.branches) or 'none'})")
-        a = self.maps[key]
-        if not -a.shape[0] <= batch_index < a.shape[0]:
-            raise AFAError(f"batch_index {batch_index} out of range: the map for {point!r} "
-                           f"at step {step} holds {a.shape[0]} image(s) (0..{a.shape[0] - 1})")
-        return a[batch_index].float()
-
-    def sigma(self, step: int) -> float | None:
-        if self.sigmas and len(self.sigmas) == len(self.steps) and step in self.steps:
-            return self.sigmas[self.steps.index(step)]
-        return None
 
 
 # ---------------------------------------------------------------- drawing helpers
@@ -156,17 +89,6 @@ def _vtext(img: Image.Image, xy: tuple[int, int], text: str, font) -> None:
     ImageDraw.Draw(lab).text((0, 0), text, font=font, fill=255)
     lab = lab.rotate(90, expand=True)
     img.paste(Image.new("RGB", lab.size, FG), xy, lab)
-
-
-def to_image(img: Image.Image) -> torch.Tensor:
-    """PIL -> ComfyUI IMAGE [1, H, W, 3] float32 0..1."""
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """ComfyUI IMAGE [1, H, W, 3] (or [H, W, 3]) -> PIL RGB."""
-    a = image[0] if image.dim() == 4 else image
-    return Image.fromarray((a.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
 
 
 def colormap(values: torch.Tensor) -> np.ndarray:
