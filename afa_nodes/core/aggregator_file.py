@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from .. import logger
 from .errors import AggregatorFileError, AggregatorMismatchError
 from .files import atomic_write
-from .layout import Layout, signature_family
+from .family import Layout, signature_family
 from .sabw import Aggregator, SABWConfig
 
 FORMAT_VERSION = 1

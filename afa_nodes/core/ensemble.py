@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .errors import AFAError
-from .layout import Layout
+from .family import Layout
 from .spec import EnsembleSpec, Mode, StepContext, parse_weights
 
 

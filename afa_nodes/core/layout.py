@@ -1,76 +1,22 @@
-"""Aggregation points and layouts, architecture-neutral.
-
-A *layout* is one architecture family's program for the ensemble: its aggregation points
-(in execution order, with each point's feature width), what must match between experts
-(`signature()`), and `walk(experts, inputs, engine)`: how each block is called and what is
-carried between blocks (the skip stack of a UNet; image and text streams of a DiT). The
-executor (core.ensemble) supplies the engine: it runs a block on every expert and mixes
-the outputs at a point. A new model family is a new layout class plus a `derive` function
-registered in FAMILIES; the engine and the mixers stay as they are.
-
-Families today: "unet" (LDM UNets: SD1.x, SD2.x, SDXL), see core/unet.py.
+"""Which family a diffusion model belongs to, its layout derived from its own structure, and
+whether experts match. Families today: "unet" (LDM UNets: SD1.x, SD2.x, SDXL, core/unet.py).
+A new family adds its `matches` / `derive` pair to FAMILIES (see core/family.py for what a
+family provides).
 """
-from dataclasses import asdict, dataclass
-
 from torch import nn
 
+from . import unet
 from .errors import IncompatibleModelsError
+from .family import AggregationPoint, Layout, signature_family  # noqa: F401  (the layout vocabulary)
+from .unet import UNetLayout  # noqa: F401
 
-
-@dataclass(frozen=True)
-class AggregationPoint:
-    stage: str       # family-specific block group, e.g. "input" | "middle" | "output" | "final"
-    index: int       # block index within the stage (final: index of the last block)
-    channels: int    # feature width of one model at this point
-
-    @property
-    def name(self) -> str:
-        return self.stage if self.stage in ("middle", "final") else f"{self.stage} {self.index}"
-
-    def to_dict(self):
-        return asdict(self)
-
-
-class Layout:
-    """Base of every family's layout (a frozen dataclass with at least `points`,
-    `context_dim` and `time_embed_dim`)."""
-    family = "?"
-
-    @property
-    def point_channels(self):
-        return [p.channels for p in self.points]
-
-    @property
-    def point_names(self):
-        return [p.name for p in self.points]
-
-    def signature(self) -> dict:
-        """What must match between experts, and between an aggregator file and a MODEL."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        return (f"{self.family}: {len(self.points)} points, context {self.context_dim}, "
-                f"channels {'/'.join(str(c) for c in sorted(set(self.point_channels)))}")
-
-    def walk(self, experts, inputs: dict, engine):
-        """Run the ensemble once: `inputs` holds the family's model inputs (x, timesteps,
-        contexts, ...); `engine.run_block` / `engine.mix` run and mix one block. -> prediction."""
-        raise NotImplementedError
-
-
-def signature_family(signature: dict) -> str:
-    """Aggregator files written before families existed hold UNet signatures without the key."""
-    return signature.get("family", "unet")
-
-
-def _families():
-    from . import unet
-    return [(unet.matches, unet.derive_unet_layout)]
+# (matches(model) -> bool, derive(model, what) -> Layout), tried in order
+FAMILIES = [(unet.matches, unet.derive_unet_layout)]
 
 
 def derive_layout(model: nn.Module, what: str = "model") -> Layout:
     """The layout of a diffusion model (ComfyUI's `diffusion_model` module), from its structure."""
-    for matches, derive in _families():
+    for matches, derive in FAMILIES:
         if matches(model):
             return derive(model, what)
     raise IncompatibleModelsError(
@@ -90,11 +36,3 @@ def check_same_layout(layouts, names):
             f"'{name}' does not match '{names[0]}' ({', '.join(diffs) or 'family'} differ: "
             f"{layouts[0].describe()} vs {layout.describe()}). AFA mixes block features, so all "
             "models must share one architecture (e.g. all SD1.5 or all SDXL fine-tunes).")
-
-
-def __getattr__(name):
-    """`UNetLayout` lives in core/unet.py (which imports this module); reachable here too."""
-    if name == "UNetLayout":
-        from .unet import UNetLayout
-        return UNetLayout
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

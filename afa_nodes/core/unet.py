@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import AFAError, IncompatibleModelsError
-from .layout import AggregationPoint, Layout
+from .family import AggregationPoint, Layout
 
 
 class UNetExpert(Protocol):
