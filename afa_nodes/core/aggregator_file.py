@@ -20,6 +20,8 @@ from .family import Layout, signature_family
 from .sabw import Aggregator, SABWConfig
 
 FORMAT_VERSION = 1
+
+
 @dataclass
 class AggregatorFile:
     config: SABWConfig
@@ -42,7 +44,7 @@ class AggregatorFile:
 
 
 def save_aggregator(path, aggregator: Aggregator, layout: Layout, experts, training=None):
-    meta = {"format_version": FORMAT_VERSION, "architecture": "ldm-unet",
+    meta = {"format_version": FORMAT_VERSION, "family": layout.family,
             "num_models": aggregator.config.num_models, "config": aggregator.config.to_dict(),
             "layout": layout.signature(), "point_names": layout.point_names,
             "experts": list(experts), "training": training or {}}
