@@ -1,5 +1,8 @@
-"""ComfyUI-AFA: ensemble 2-6 diffusion models with Adaptive Feature Aggregation (ICLR 2025)."""
-import importlib.util
+"""ComfyUI-AFA: ensemble 2-6 diffusion models with Adaptive Feature Aggregation (ICLR 2025).
+
+ComfyUI loads the pack through `comfy_entrypoint` (V3 nodes, afa_nodes/nodes.py). There is
+deliberately no NODE_CLASS_MAPPINGS here: ComfyUI would then ignore comfy_entrypoint.
+"""
 import os
 import sys
 
@@ -9,9 +12,13 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.insert(0, _here)
 
-NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
-if importlib.util.find_spec("comfy") is not None:  # outside ComfyUI (pytest, pip) there are no nodes
-    from afa_nodes.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
-
 WEB_DIRECTORY = "./web"
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+
+def comfy_entrypoint():
+    """ComfyUI's V3 entry point (imports ComfyUI's API only when ComfyUI calls it)."""
+    from afa_nodes.nodes import comfy_entrypoint as entrypoint
+    return entrypoint()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
