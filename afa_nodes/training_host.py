@@ -1,5 +1,6 @@
-"""ComfyUI adapter of core.train: experts, data and noise schedule from an AFA MODEL, its CLIP
-and VAE. Used by the AFA Train Aggregator node and by `python -m afa_nodes train`.
+"""ComfyUI adapter of core.train: the frozen experts (service.models.ExpertSet: ModelPatchers,
+names, hashes), their layout and noise schedule, and the dataset encoded with their CLIP and
+VAE. No AFA MODEL is needed; `prepare` returns everything core.train takes.
 
 ComfyUI runs nodes under torch.inference_mode(), so parameters of models loaded by loader
 nodes are inference tensors, which autograd refuses to save for backward. Training runs in
@@ -23,6 +24,7 @@ pooled output with the same sizes.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,13 +34,14 @@ import comfy.model_management
 import comfy.model_sampling
 
 from . import logger
-from .core.aggregator_file import file_sha256, load_aggregator
+from .comfy_unet import ComfyExpert, split_adm, split_per_model
+from .core.aggregator_file import load_aggregator
 from .core.dataset import ImageDataset, split_indices
 from .core.encode_cache import CachedLatentDataset, build_latent_cache, build_text_cache
-from .core.errors import AFAError, DatasetError, TrainingError
-from .core.train import Comm, NoiseSchedule, TrainConfig, TrainData, TrainResult, train_aggregator
-from .comfy_unet import ComfyExpert, split_adm, split_per_model
-from .ensemble_model import require_ensemble
+from .core.errors import AFAError, IncompatibleModelsError, TrainingError
+from .core.layout import Layout, check_same_layout, derive_layout
+from .core.train import NoiseSchedule, TrainData
+from .core.train_config import Comm, TrainConfig
 
 TOKENS = 77
 CACHE_DIR = ".afa_cache"
@@ -75,25 +78,39 @@ def make_autograd_ready(module: torch.nn.Module) -> int:
     return replaced
 
 
-def noise_schedule(model) -> NoiseSchedule:
-    """The experts' own discrete schedule from ComfyUI's model_sampling (eps models only)."""
-    sampling = model.get_model_object("model_sampling")
+def noise_schedule(experts) -> NoiseSchedule:
+    """The experts' own discrete schedule from expert 1's model_sampling (eps models only; every
+    expert must predict the same way on the same schedule)."""
+    samplings = [p.get_model_object("model_sampling") for p in experts.patchers]
+    sampling = samplings[0]
     if not isinstance(sampling, comfy.model_sampling.EPS) or not hasattr(sampling, "sigmas"):
         raise TrainingError(f"the models use {type(sampling).__name__}: AFA training needs discrete "
                             "epsilon-prediction models (SD1.x, SDXL); v-prediction and flow models are not supported yet.")
     with torch.inference_mode(False):
         sigmas = sampling.sigmas.detach().clone().float().cpu()
+        for model, other, name in zip(experts.models[1:], samplings[1:], experts.names[1:]):
+            same = (model.model_type == experts.models[0].model_type and hasattr(other, "sigmas")
+                    and other.sigmas.shape == sampling.sigmas.shape
+                    and torch.allclose(other.sigmas.float().cpu(), sigmas))
+            if not same:
+                raise IncompatibleModelsError(
+                    f"'{name}' predicts {model.model_type.name} on another noise schedule than '{experts.names[0]}' "
+                    f"({experts.models[0].model_type.name}); an aggregator is trained for experts of one prediction "
+                    "type and schedule (e.g. all SD1.5 eps fine-tunes).")
     return NoiseSchedule(sigmas=sigmas, timestep=lambda sigma: sampling.timestep(sigma).float(),
                          calculate_input=sampling.calculate_input)
 
 
-def expert_info(ensemble) -> list:
-    sources = ensemble.info.get("sources") or [None] * ensemble.num_models
-    out = []
-    for name, digest, source in zip(ensemble.names, ensemble.hashes, sources):
-        if digest is None and source is not None:
-            digest = file_sha256(source)
-        out.append({"name": name, "sha256": digest})
+def experts_layout(experts) -> Layout:
+    """The experts' shared layout (IncompatibleModelsError naming the model that differs)."""
+    layouts = [derive_layout(m.diffusion_model, name) for m, name in zip(experts.models, experts.names)]
+    check_same_layout(layouts, experts.names)
+    return layouts[0]
+
+
+def expert_info(experts) -> list:
+    """[{name, sha256}] per expert, as the aggregator file records them."""
+    out = [{"name": name, "sha256": digest} for name, digest in zip(experts.names, experts.hashes)]
     if not all(e["sha256"] for e in out):
         logger.warning("the checkpoint files of %s are unknown (models from AFA Ensemble): the aggregator "
                        "records their names only; resuming checks names, not file hashes",
@@ -147,11 +164,10 @@ class _Samples:
         return sample
 
 
-def adm_maker(ensemble):
+def adm_maker(base, n: int, adm_dim: int):
     """(pooled output, dataset item) -> y per model, built the way the AFA MODEL builds it at
-    sampling (expert 1's encode_adm of the per-model stack, then split_adm), with the item's
-    SDXL size conditioning: original size, crop top-left in the resized image, target size."""
-    base, n, adm_dim = ensemble.models[0], ensemble.num_models, ensemble.layout.adm_dim
+    sampling (expert 1's `base.encode_adm` of the per-model stack, then split_adm), with the
+    item's SDXL size conditioning: original size, crop top-left in the resized image, target size."""
 
     def make(pooled, item):
         (w, h), (_, _, left, top), (tw, th) = item["size"], item["crop_box"], item["target"]
@@ -164,7 +180,7 @@ def adm_maker(ensemble):
             return [t[0].float() for t in split_adm(y, n, adm_dim)]
         except AFAError as e:
             raise TrainingError(f"{e} The pooled text output has width {pooled.shape[-1]}: use the CLIP of the "
-                                "same AFA Ensemble Loader (one pooled output per model).") from e
+                                "same checkpoints (one pooled output per model, e.g. from AFA CLIP Merge).") from e
     return make
 
 
@@ -211,23 +227,25 @@ def _data_meta(dataset: ImageDataset, folder: Path, train_idx, val_idx, variants
     return meta
 
 
-def encode_dataset(model, clip, vae, folder, resolution, val_fraction, seed, cache_dir=None,
-                   comm: Optional[Comm] = None, status: Optional[Callable[[str], None]] = None,
-                   crop: str = "center", crop_variants: int = 4, buckets: bool = False):
-    """Folder -> (TrainData, data metadata). Rank 0 fills the caches first, other ranks reuse them."""
-    ensemble = require_ensemble(model, "AFA Train Aggregator")
-    if crop_variants < 1:
-        raise DatasetError(f"crop_variants must be at least 1 (random crops cached per image), got {crop_variants}.")
+def encode_dataset(experts, clip, vae, config: TrainConfig, seed: Optional[int] = None, comm: Optional[Comm] = None,
+                   status: Optional[Callable[[str], None]] = None, layout: Optional[Layout] = None):
+    """config.dataset -> (TrainData, data metadata), with config's resolution, split, crops and
+    buckets and the split/crop seed `seed` (default config.seed). Rank 0 fills the caches first,
+    other ranks reuse them."""
+    layout = layout or experts_layout(experts)
+    seed = config.seed if seed is None else seed
     comm = comm or Comm.current()
-    folder = Path(folder)
-    cache_dir = Path(cache_dir) if cache_dir else folder / CACHE_DIR
-    dataset = ImageDataset(folder, resolution=resolution, crop=crop, seed=seed, bucketing=buckets)
+    folder = Path(config.dataset)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else folder / CACHE_DIR
+    crop, buckets = config.crop, config.buckets
+    dataset = ImageDataset(folder, resolution=config.resolution, crop=crop, seed=seed, bucketing=buckets)
     if buckets and len(dataset.buckets) == 1:
         logger.warning("resolution %d has a single aspect-ratio bucket %s (sides are multiples of 64, at most 2:1): "
-                       "every image is cropped square; use 192 or more for real buckets", resolution, dataset.buckets[0])
-    train_idx, val_idx = split_indices(len(dataset.entries), val_fraction, seed)
-    variants = crop_variants if crop == "random" else 1
-    adm = bool(ensemble.layout.adm_dim)
+                       "every image is cropped square; use 192 or more for real buckets", config.resolution,
+                       dataset.buckets[0])
+    train_idx, val_idx = split_indices(len(dataset.entries), config.val_fraction, seed)
+    variants = config.crop_variants if crop == "random" else 1
+    adm = bool(layout.adm_dim)
     others = getattr(clip, "others", [])
     vae_key = f"vae-{_fingerprint(vae.first_stage_model)}"
     clips = [clip] + others
@@ -238,18 +256,16 @@ def encode_dataset(model, clip, vae, folder, resolution, val_fraction, seed, cac
     clip_key += "-pooled" if adm else ""
     say = status or (lambda text: None)
 
-    def encode(images):
-        return vae.encode(images)
-
     def build():
         say(f"encoding {len(dataset.entries)} image(s) with the VAE"
             + (f" ({variants} random crops per training image)" if crop == "random" else ""))
         if crop == "center":
-            train_lat = val_lat = build_latent_cache(dataset, encode, vae_key, cache_dir)
+            train_lat = val_lat = build_latent_cache(dataset, vae.encode, vae_key, cache_dir)
         else:
-            train_lat = build_latent_cache(dataset, encode, vae_key, cache_dir, crop_variants=variants,
+            train_lat = build_latent_cache(dataset, vae.encode, vae_key, cache_dir, crop_variants=variants,
                                            indices=train_idx)
-            val_lat = build_latent_cache(dataset.with_crop("center"), encode, vae_key, cache_dir, indices=val_idx)
+            val_lat = build_latent_cache(dataset.with_crop("center"), vae.encode, vae_key, cache_dir,
+                                         indices=val_idx)
         say(f"encoding {len(set(dataset.captions))} caption(s) with {len(others) + 1} text encoder(s)")
         texts = build_text_cache(dataset.captions, _encode_texts(clip, adm), clip_key, cache_dir)
         return train_lat, val_lat, texts
@@ -262,10 +278,10 @@ def encode_dataset(model, clip, vae, folder, resolution, val_fraction, seed, cac
     else:
         built = build()
     train_lat, val_lat, texts = built
-    n, width = ensemble.num_models, ensemble.layout.context_dim
-    process_in = ensemble.models[0].process_latent_in
+    n, width = len(experts.names), layout.context_dim
+    process_in = experts.models[0].process_latent_in
     empty_text = texts.get("")
-    make_ys = adm_maker(ensemble) if adm else None
+    make_ys = adm_maker(experts.models[0], n, layout.adm_dim) if adm else None
     extra = dict(make_ys=make_ys, empty_pooled=empty_text.get("pooled"))
     train_set = CachedLatentDataset(train_lat, {"clip": texts}, train_idx, repeats=True, seed=seed)
     val_set = CachedLatentDataset(val_lat, {"clip": texts}, val_idx, repeats=False, seed=seed)
@@ -278,44 +294,50 @@ def encode_dataset(model, clip, vae, folder, resolution, val_fraction, seed, cac
     return data, meta
 
 
-def load_experts(model):
+def load_experts(experts) -> list:
     """Load every expert fully on the compute device and make it usable by autograd."""
-    ensemble = require_ensemble(model, "AFA Train Aggregator")
     patchers, seen = [], set()
-    for p in [model] + model.get_nested_additional_models():
+    for p in experts.patchers:
         if id(p.model) not in seen:  # load_models_gpu unloads other clones of one BaseModel
             seen.add(id(p.model))
             patchers.append(p)
     comfy.model_management.load_models_gpu(patchers, force_full_load=True)
-    experts, replaced = [], 0
-    for base in ensemble.models:
+    out, replaced = [], 0
+    for base in experts.models:
         replaced += make_autograd_ready(base.diffusion_model)
         dtype = base.manual_cast_dtype or base.get_dtype()
-        experts.append(TrainingExpert(base.diffusion_model, dtype))
+        out.append(TrainingExpert(base.diffusion_model, dtype))
     if replaced:
         logger.info("made %d inference tensor(s) of the frozen UNets usable for backprop", replaced)
-    return experts
+    return out
 
 
-def train_from_comfy(model, clip, vae, dataset_folder, out_path, config: TrainConfig, resolution=512,
-                     val_fraction=0.1, resume=False, should_stop=None, progress=None, status=None,
-                     comm: Optional[Comm] = None, cache_dir=None, crop="center", crop_variants=4,
-                     buckets=False) -> TrainResult:
-    """Train (or resume) the aggregator of the AFA MODEL `model` on a folder of captioned images.
-    crop: "center" | "random" (`crop_variants` cached crops per image); buckets: aspect-ratio buckets."""
-    ensemble = require_ensemble(model, "AFA Train Aggregator")
+@dataclass
+class Prepared:
+    """Everything core.train takes for these experts and this config."""
+    experts: list             # TrainingExpert per expert, loaded on `device`
+    layout: Layout
+    data: TrainData
+    data_meta: dict           # the data settings recorded in the aggregator file
+    schedule: NoiseSchedule
+    info: list                # [{name, sha256}] per expert
+    device: torch.device
+    seed: int                 # the seed of the split, crops and draws
+
+
+def prepare(experts, clip, vae, config: TrainConfig, seed: Optional[int] = None, comm: Optional[Comm] = None,
+            status: Optional[Callable[[str], None]] = None) -> Prepared:
+    """Checks the experts (one layout, eps prediction), encodes the dataset and loads the experts
+    for autograd. Call under torch.inference_mode(False)."""
     if clip is None or vae is None:
-        raise TrainingError("AFA training needs the CLIP and the VAE of the models (from AFA Ensemble Loader).")
-    schedule = noise_schedule(model)
-    with torch.inference_mode(False), torch.enable_grad():
-        data, data_meta = encode_dataset(model, clip, vae, dataset_folder, resolution, val_fraction,
-                                         data_seed(out_path, config.seed, resume), cache_dir, comm, status,
-                                         crop=crop, crop_variants=crop_variants, buckets=buckets)
-        if status:
-            status(f"loading {ensemble.num_models} models for training")
-        experts = load_experts(model)
-        device = comfy.model_management.get_torch_device()
-        return train_aggregator(experts, ensemble.layout, data, schedule, config, out_path, expert_info(ensemble),
-                                resume=resume, should_stop=should_stop, progress=progress, device=device,
-                                comm=comm, extra_meta={"data": data_meta, "objective": "eps-MSE",
-                                                       "schedule_steps": len(schedule)})
+        raise TrainingError(f"{', '.join(experts.names)}: AFA training needs the CLIP and the VAE of the models "
+                            "(full checkpoints, or the loader's CLIP and VAE outputs).")
+    layout = experts_layout(experts)
+    schedule = noise_schedule(experts)
+    seed = config.seed if seed is None else seed
+    data, data_meta = encode_dataset(experts, clip, vae, config, seed, comm, status, layout)
+    if status:
+        status(f"loading {len(experts.names)} models for training")
+    loaded = load_experts(experts)
+    return Prepared(loaded, layout, data, data_meta, schedule, expert_info(experts),
+                    comfy.model_management.get_torch_device(), seed)

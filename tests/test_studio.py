@@ -269,24 +269,22 @@ def test_cli_subcommand_boots_comfyui_and_serves_on_localhost(studio_cli, sd15_c
 
 # ---------------------------------------------------------------- training
 def test_train_tab_follows_the_node_inputs(comfy):
-    """Every option of AFA Train Aggregator reaches TrainConfig or train_from_comfy, checked like the node."""
-    import inspect
-
+    """The Train tab shows every input of AFA Train Aggregator (both generated from TrainConfig), and
+    its values become the TrainConfig that service.training trains with, checked like the node."""
     from afa_nodes.core.errors import AFAError
-    from afa_nodes.nodes_train import AFATrainAggregator, train_arguments
+    from afa_nodes.core.train_config import STUDIO
+    from afa_nodes.nodes_train import AFATrainAggregator
+    from afa_nodes.service.training import config_from_ui
     from afa_nodes.studio.training import check_options, option_specs
-    from afa_nodes.training_host import train_from_comfy
     node = AFATrainAggregator.INPUT_TYPES()
-    assert set(option_specs()) == (set(node["required"]) | set(node.get("optional", {}))) - {"model", "clip", "vae"}
-    assert set(inspect.signature(train_arguments).parameters) == set(option_specs())
+    assert (set(node["required"]) | set(node.get("optional", {}))) - {"model", "clip", "vae"} <= set(option_specs())
     make_dataset(comfy.input_dir / DATASET)
     options = check_options({"dataset_folder": DATASET, "steps": 7.0})
     assert options["steps"] == 7 and options["save_name"] == node["required"]["save_name"][1]["default"]
-    config, host = train_arguments(**options)
+    config = config_from_ui(options, STUDIO)
     assert config.steps == 7 and config.lr == options["learning_rate"]
-    assert host["val_fraction"] == options["validation_fraction"] and "resume" in host and "steps" not in host
-    assert host["dataset_folder"] == comfy.input_dir / DATASET and host["out_path"].name == "afa_aggregator.safetensors"
-    assert {"config", *host} <= set(inspect.signature(train_from_comfy).parameters)
+    assert config.val_fraction == options["validation_fraction"] and config.resume is False
+    assert config.dataset == comfy.input_dir / DATASET and config.out.name == "afa_aggregator.safetensors"
     for bad, message in (({"steps": 0}, "between 1 and"), ({"steps": 2.5}, "whole number"),
                          ({"warp_drive": True}, "unknown training option")):
         with pytest.raises(AFAError, match=message):

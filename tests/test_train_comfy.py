@@ -14,6 +14,7 @@ from toy_dataset import make_dataset
 
 from afa_nodes.core.aggregator_file import load_aggregator
 from afa_nodes.core.errors import DatasetError, TrainingError
+from afa_nodes.core.spec import Mode
 from afa_nodes.core.files import file_sha256
 from afa_nodes.core.train import state_path
 
@@ -30,10 +31,12 @@ def env(comfy, comfy_nodes, sd15_checkpoints):
     return dict(nodes=comfy_nodes, folder_paths=folder_paths, ckpts=sd15_checkpoints, dataset=dataset)
 
 
-def load_ensemble(env, indices, mode="block-wise average", aggregator="none"):
+def load_ensemble(env, indices, mode=Mode.BLOCK_AVERAGE.value, aggregator="none"):
+    """AFA Ensemble Loader's outputs (MODEL, CLIP, VAE), as ComfyUI's executor runs it."""
     ckpts = {f"ckpt_{i + 1}": env["ckpts"][k].name for i, k in enumerate(indices)}
     with torch.inference_mode():
-        return env["nodes"]["AFAEnsembleLoader"]().load(aggregator, mode, "", 1, **ckpts)
+        return env["nodes"]["AFAEnsembleLoader"].execute(aggregator=aggregator, mode=mode, weights="", model_index=1,
+                                                         **ckpts).result
 
 
 def train_node(env, model, clip, vae, save_name, dataset="afa_train_ds", **kw):
@@ -76,9 +79,9 @@ def test_node_trains_under_inference_mode_and_writes_metadata(env, trained):
 
 def test_trained_file_drives_the_loader_and_the_ensemble_node(env, trained):
     from afa_nodes.ensemble_model import require_ensemble
-    model, clip, _ = load_ensemble(env, [0, 1], mode="aggregator", aggregator=trained["path"].name)
+    model, clip, _ = load_ensemble(env, [0, 1], mode=Mode.AGGREGATOR.value, aggregator=trained["path"].name)
     ensemble = require_ensemble(model)
-    assert ensemble.aggregator is not None and ensemble.mode == "aggregator"
+    assert ensemble.aggregator is not None and ensemble.mode is Mode.AGGREGATOR
     nodes = env["nodes"]
     with torch.inference_mode():
         positive = nodes["CLIPTextEncode"]().encode(clip, "a red picture")[0]
@@ -89,8 +92,8 @@ def test_trained_file_drives_the_loader_and_the_ensemble_node(env, trained):
     import comfy.sd
     plain = [comfy.sd.load_checkpoint_guess_config(str(p))[0] for p in env["ckpts"][:2]]
     with torch.inference_mode():
-        mixed = nodes["AFAEnsemble"]().ensemble("aggregator", "", 1, aggregator=trained["agg"],
-                                                model_1=plain[0], model_2=plain[1])[0]
+        mixed = nodes["AFAEnsemble"].execute(mode=Mode.AGGREGATOR.value, weights="", model_index=1,
+                                             aggregator=trained["agg"], model_1=plain[0], model_2=plain[1]).result[0]
     assert require_ensemble(mixed).aggregator is not None
 
 
@@ -112,6 +115,33 @@ def test_resuming_with_other_models_is_refused_naming_them(env, trained):
     with pytest.raises(TrainingError, match=rf"{env['ckpts'][1].name}.*models now are.*{env['ckpts'][2].name}"):
         train_node(env, model, clip, vae, "afa_test_node", steps=5, resume=True)
     assert trained["path"].read_bytes() == before
+
+
+def test_experts_from_files_train_and_evaluate_gives_the_table_the_training_wrote(env, tmp_path):
+    """service.training on experts loaded from files (no ensemble MODEL anywhere); evaluate()
+    re-computes the file's validation table (the file's seed wins over the config's)."""
+    from afa_nodes.core.errors import AggregatorMismatchError
+    from afa_nodes.core.train import TrainConfig
+    from afa_nodes.service import models, training
+    names = [p.name for p in env["ckpts"]]
+    experts, clip, vae = models.experts_from_files(names[:2])
+    assert experts.hashes == [file_sha256(p) for p in env["ckpts"][:2]]
+    config = TrainConfig(dataset=env["dataset"], out=tmp_path / "files.safetensors", steps=2, batch_size=2, lr=1e-3,
+                         resolution=64, save_every=0, val_fraction=0.34, gradient_checkpointing=False, seed=5,
+                         hidden=32, heads=4, depth=1)
+    result = training.train(experts, clip, vae, config)
+    written = load_aggregator(config.out).training["validation"]
+    assert result.step == 2 and written["seed"] == 5 and len(written["rows"]) == 4
+    table = training.evaluate(experts, clip, vae, config.replace(seed=0), aggregator=config.out)
+    assert [r["name"] for r in table["rows"]] == [r["name"] for r in written["rows"]] and table["seed"] == 5
+    for got, want in zip(table["rows"], written["rows"]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["name"]
+    references = training.evaluate(experts, clip, vae, config)  # no aggregator: the block-wise average and singles
+    assert [r["name"] for r in references["rows"]] == [r["name"] for r in written["rows"][1:]]
+    assert references["rows"][0]["loss"] == pytest.approx(written["rows"][1]["loss"], rel=1e-5)
+    three, clip3, vae3 = models.experts_from_files(names)
+    with pytest.raises(AggregatorMismatchError, match="trained for 2 models, this ensemble has 3"):
+        training.evaluate(three, clip3, vae3, config, aggregator=config.out)
 
 
 # ------------------------------------------------------------------ random crops, buckets, SDXL
@@ -344,20 +374,6 @@ def test_cli_trains_end_to_end(env, cli_single):
     assert [e["sha256"] for e in load_aggregator(out).experts] == [file_sha256(p) for p in env["ckpts"][:2]]
     assert "Validation at step 3" in cli_single["log"] and "block-wise average (untrained)" in cli_single["log"]
     assert (cli_single["data"] / ".afa_cache" / "latents").is_dir()
-
-
-def test_cli_parses_crop_and_bucket_flags():
-    import argparse
-    from afa_nodes.cli_train import add_arguments
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    base = ["--checkpoint", "a", "--checkpoint", "b", "--data", "d", "--out", "o"]
-    args = parser.parse_args(base)
-    assert (args.crop, args.crop_variants, args.buckets) == ("center", 4, False)
-    args = parser.parse_args(base + ["--crop", "random", "--crop-variants", "3", "--buckets"])
-    assert (args.crop, args.crop_variants, args.buckets) == ("random", 3, True)
-    with pytest.raises(SystemExit):
-        parser.parse_args(base + ["--crop", "left"])
 
 
 def test_cli_two_process_gloo_run_matches_one_process(env, cli_single):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,13 +37,15 @@ from .ensemble import EnsembleExecutor, SABWMixer, uniform_mixer
 from .errors import TrainingError
 from .layout import UNetLayout
 from .sabw import Aggregator, SABWConfig
+from .spec import Mode
 from .train_config import Comm, NoiseSchedule, TrainConfig, amp_dtype, lr_at
 from .train_data import Batch, DataOrder, TrainData, make_batch, validation_batches
 from .train_state import read_resume_file, read_sidecar, state_path, write_sidecar
 
 __all__ = ["AggregatorTrainer", "Batch", "Comm", "NoiseSchedule", "TrainConfig", "TrainData", "TrainResult",
-           "format_validation", "lr_at", "state_path", "train_aggregator"]
+           "evaluate_aggregator", "format_validation", "lr_at", "state_path", "train_aggregator"]
 
+TRAINED_ROW = "AFA aggregator (trained)"   # the validation table's row of the aggregator
 CURVE_POINTS = 200       # loss-curve points kept in the file's metadata
 FINAL_LOSS_WINDOW = 20   # "final train loss" = mean of the last steps' losses
 
@@ -237,32 +239,45 @@ class AggregatorTrainer:
         return float(total) / len(self.data.val)
 
     def validate(self) -> Optional[dict]:
-        """The trained ensemble's validation loss next to the untrained (block-wise average)
-        ensemble's and each single model's, on the same samples, noise and timesteps."""
-        if not len(self.data.val):
+        """`validation_table` of the aggregator being trained, recorded in val_history/validation."""
+        table = self.validation_table(self.aggregator)
+        if table is None:
             return None
-        points, n = len(self.layout.points), len(self.experts)
-        self.aggregator.eval()
-        try:
-            if self.reference is None:
-                uniform = EnsembleExecutor(self.layout, uniform_mixer(points, n))
-                single = EnsembleExecutor(self.layout, uniform_mixer(points, 1))
-                self.reference = {"uniform": self.validation_loss(uniform),
-                                  "single": [self.validation_loss(single, i) for i in range(n)]}
-            trained = self.validation_loss()
-        finally:
-            self.aggregator.train()
+        trained = table["rows"][0]["loss"]
         if self.val_history and self.val_history[-1][0] == self.step:  # e.g. resumed at a validated step
             self.val_history[-1] = [self.step, trained]
         else:
             self.val_history.append([self.step, trained])
-        rows = [{"name": "AFA aggregator (trained)", "loss": trained},
-                {"name": "block-wise average (untrained)", "loss": self.reference["uniform"]}]
-        rows += [{"name": f"single model: {e['name']}", "loss": loss}
+        self.validation = table
+        return table
+
+    def validation_table(self, aggregator=None) -> Optional[dict]:
+        """`aggregator`'s validation loss (when given) next to the untrained (block-wise average)
+        ensemble's and each single model's, on the same samples, noise and timesteps; None
+        without a validation set. The references are computed once per trainer."""
+        if not len(self.data.val):
+            return None
+        points, n = len(self.layout.points), len(self.experts)
+        if self.reference is None:
+            uniform = EnsembleExecutor(self.layout, uniform_mixer(points, n))
+            single = EnsembleExecutor(self.layout, uniform_mixer(points, 1))
+            self.reference = {"uniform": self.validation_loss(uniform),
+                              "single": [self.validation_loss(single, i) for i in range(n)]}
+        rows = []
+        if aggregator is not None:
+            executor = (self.executor if aggregator is self.aggregator
+                        else EnsembleExecutor(self.layout, SABWMixer(aggregator)))
+            was_training = aggregator.training
+            aggregator.eval()
+            try:
+                rows.append({"name": TRAINED_ROW, "loss": self.validation_loss(executor)})
+            finally:
+                aggregator.train(was_training)
+        rows.append({"name": f"{Mode.BLOCK_AVERAGE.value} (untrained)", "loss": self.reference["uniform"]})
+        rows += [{"name": f"{Mode.SINGLE_MODEL.value}: {e['name']}", "loss": loss}
                  for e, loss in zip(self.expert_info, self.reference["single"])]
-        self.validation = {"step": self.step, "samples": len(self.data.val), "seed": self.seed,
-                           "metric": "eps-MSE, fixed noise and timestep per sample", "rows": rows}
-        return self.validation
+        return {"step": self.step, "samples": len(self.data.val), "seed": self.seed,
+                "metric": "eps-MSE, fixed noise and timestep per sample", "rows": rows}
 
     # ------------------------------------------------------------------ files
     def metadata(self, finished: bool) -> dict:
@@ -352,6 +367,20 @@ def train_aggregator(experts, layout, data, schedule, config, out_path=None, exp
     trainer = AggregatorTrainer(experts, layout, data, schedule, config, out_path, expert_info, resume,
                                 device, comm, extra_meta)
     return trainer.run(should_stop, progress)
+
+
+def evaluate_aggregator(experts, layout, data, schedule, config, aggregator=None, expert_info=None, device="cpu",
+                        comm=None, seed=None) -> Optional[dict]:
+    """The validation table without training (`aggregator`: an Aggregator, or None for the
+    references only) on the draws of `seed` (default config.seed; a file's training seed
+    gives the table its training wrote)."""
+    if seed is not None:
+        config = replace(config, seed=int(seed))
+    trainer = AggregatorTrainer(experts, layout, data, schedule, config, expert_info=expert_info, device=device,
+                                comm=comm)
+    if aggregator is not None:
+        aggregator = aggregator.to(trainer.device, torch.float32)
+    return trainer.validation_table(aggregator)
 
 
 def format_validation(table: Optional[dict], meta: Optional[dict] = None) -> str:

@@ -1,11 +1,10 @@
 """Train tab back end: one aggregator training in a worker thread, polled by the UI.
 
-Mirrors the AFA Train Aggregator node: the same inputs (their names, defaults, limits and
-tooltips are read from the node's INPUT_TYPES, so the tab follows the node), turned into
-the trainer's arguments by the node's own `train_arguments` (the dataset is a subfolder of
-ComfyUI's input directory; the file is models/afa/<save name>.safetensors + .train-state),
-and the same call (`train_from_comfy`). The models come from AFA Ensemble Loader in mode
-'block-wise average', as in the node's example workflow.
+The form is generated from core.train_config (`option_specs`: every TrainConfig field the
+studio shows, with the node's input names, defaults, widget ranges and tooltips where the node
+shows it too); the values become a TrainConfig through service.training.config_from_ui (the
+dataset is a subfolder of ComfyUI's input directory; the file is models/afa/<save name>.safetensors
++ .train-state) and the run is service.training.train on the checkpoints' experts.
 
 Stop sets a flag that the trainer polls before every step; it then saves the aggregator
 and its resume state (tick 'resume' and Start to continue). The validation table is
@@ -21,67 +20,35 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from safetensors import safe_open
 
 from .. import logger
-from ..core.errors import AFAError, TrainingError
-from ..core.train import state_path
-from ..nodes_ensemble import NONE, AFAEnsembleLoader
-from ..nodes_train import AFATrainAggregator, train_arguments
-from ..training_host import train_from_comfy
+from ..core.errors import AFAError
+from ..core.train_config import STUDIO, from_ui, options, to_ui
+from ..service import models, training
 from . import catalog
 from .jobs import TRAINING, Job, JobBoard, format_duration
 
-SOCKETS = ("model", "clip", "vae")   # node inputs the studio fills itself
+KINDS = {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN", "str": "STRING", "path": "STRING"}
 
 
 def option_specs() -> dict:
-    """The node's widget inputs, in its order: name -> (type or list of choices, options with
-    default/min/max/tooltip)."""
-    spec = AFATrainAggregator.INPUT_TYPES()
-    inputs = {**spec["required"], **spec.get("optional", {})}
-    return {name: value for name, value in inputs.items() if name not in SOCKETS}
+    """The form, in the node's order: input name -> (INT/FLOAT/BOOLEAN/STRING or a list of
+    choices, {default, min, max, step, tooltip, advanced})."""
+    specs = {}
+    for f in options(STUDIO):
+        o = f.metadata["afa"]
+        lo, hi = o.limits(STUDIO)
+        opts = {"default": o.default_in(f, STUDIO), "min": lo, "max": hi, "step": o.step, "tooltip": o.help,
+                "advanced": o.advanced}
+        kind = list(o.choices) if o.choices else KINDS[o.kind_of(f)]
+        specs[o.name_in(f, STUDIO)] = (kind, {k: v for k, v in opts.items() if v is not None})
+    return specs
 
 
-def check_options(options: dict) -> dict:
-    """Every node option (missing ones take the node's default), typed and within its limits."""
-    specs = option_specs()
-    unknown = sorted(set(options) - set(specs))
-    if unknown:
-        raise AFAError(f"unknown training option(s) {', '.join(unknown)}; the trainer takes {', '.join(specs)}.")
-    return {name: _checked(name, kind, opts, options.get(name, opts.get("default")))
-            for name, (kind, opts) in specs.items()}
-
-
-def _checked(name, kind, opts, value):
-    if value is None:
-        raise AFAError(f"training option '{name}' needs a value.")
-    if isinstance(kind, (list, tuple)):
-        if value not in kind:
-            raise AFAError(f"training option '{name}' must be one of {', '.join(map(str, kind))}, got {value!r}.")
-        return value
-    try:
-        if kind == "INT":
-            if float(value) != int(value):
-                raise AFAError(f"training option '{name}' must be a whole number, got {value}.")
-            value = int(value)
-        elif kind == "FLOAT":
-            value = float(value)
-            if value != value:
-                raise ValueError("nan")
-        elif kind == "BOOLEAN":
-            if str(value).lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return str(value).lower() in ("true", "1")
-        else:
-            return str(value)
-    except (ValueError, TypeError, OverflowError):
-        what = {"INT": "a whole number", "FLOAT": "a number", "BOOLEAN": "true or false"}[kind]
-        raise AFAError(f"training option '{name}' must be {what}, got {value!r}.") from None
-    if not opts.get("min", value) <= value <= opts.get("max", value):
-        raise AFAError(f"training option '{name}' must be between {opts['min']} and {opts['max']}, got {value}.")
-    return value
+def check_options(values: dict) -> dict:
+    """Every option (missing ones take the form's default), typed and within its limits."""
+    return to_ui(from_ui(values, STUDIO), STUDIO)
 
 
 @dataclass
@@ -122,8 +89,8 @@ class TrainingRun:
     def __init__(self, checkpoints, options: dict, board: JobBoard):
         self.checkpoints = catalog.check_checkpoints(checkpoints)
         self.options = check_options(options)
-        self.config, self.host_args = train_arguments(**self.options)
-        self.out_path = self.host_args["out_path"]
+        self.config = training.config_from_ui(self.options, STUDIO)
+        self.out_path = self.config.out
         self.board = board
         self.job: Optional[Job] = None
         self._lock = threading.Lock()
@@ -183,19 +150,14 @@ class TrainingRun:
     def _run(self):
         try:
             self._status("loading the checkpoints")
-            ckpts = {f"ckpt_{i + 1}": name for i, name in enumerate(self.checkpoints)}
-            with torch.inference_mode():  # as ComfyUI runs the loader node
-                model, clip, vae = AFAEnsembleLoader().load(NONE, "block-wise average", "", 1, **ckpts)
-            if clip is None:
-                raise TrainingError(f"{', '.join(self.checkpoints)}: a checkpoint has no text encoder (CLIP); "
-                                    "training needs full checkpoints.")
-            result = train_from_comfy(model, clip, vae, config=self.config, should_stop=self._stop.is_set,
-                                      progress=self._progress, status=self._status, **self.host_args)
+            experts, clip, vae = models.experts_from_files(self.checkpoints)
+            result = training.train(experts, clip, vae, self.config, progress=self._progress,
+                                    should_stop=self._stop.is_set, status=self._status)
             if result.stopped and result.path is None:
                 message = f"stopped before the first step: nothing trained, {self.out_path.name} was not written."
             elif result.stopped:
                 message = (f"stopped at step {result.step}/{self.config.steps}: {self.out_path.name} holds the "
-                           f"aggregator so far and {state_path(self.out_path).name} its resume state. Tick "
+                           f"aggregator so far and {training.state_path(self.out_path).name} its resume state. Tick "
                            "'resume' and press Start to continue.")
             else:
                 message = (f"done: {self.out_path.name} saved at step {result.step}; it is now in the Generate "
