@@ -41,7 +41,8 @@ class AFARecordAttention(io.ComfyNode):
                              tooltip="Memory for the recorded maps (CPU, fp16); recording stops with a warning "
                                      "when reached."),
             ],
-            outputs=[io.Model.Output("model", display_name="model",
+            # output ids differ from input ids (ComfyUI v0.3.64 requires it); the names shown stay model, maps
+            outputs=[io.Model.Output("recording_model", display_name="model",
                                      tooltip="The same AFA MODEL, recording its weight maps."),
                      Maps.Output("maps", display_name="maps",
                                  tooltip="Handle to the recorded runs, for AFA Attention Preview.")])

@@ -48,14 +48,15 @@ def ksample(env, model, seed=1, batch=1, cfg=2.0, size=8):
 
 def preview(env, maps, latent, points="middle", step=-1, branch="cond", batch_index=0, cell=64, image=None):
     with torch.inference_mode():
-        return env["maps"].AFAAttentionPreview().preview(maps, latent, points, step, branch, batch_index, cell, image)
+        out = env["maps"].AFAAttentionPreview.execute(maps, latent, points, step, branch, batch_index, cell, image)
+    return {"result": out.args, "ui": out.ui}
 
 
 def record(env, model=None, **kw):
     args = {"enabled": True, "points": "all", "steps": "all", "max_side": 64, "cap_mb": 64}
     args.update(kw)
     with torch.inference_mode():
-        return env["maps"].AFARecordAttention().record(model or env["model"], **args)
+        return env["maps"].AFARecordAttention.execute(model or env["model"], **args).args
 
 
 def test_record_during_ksampler_and_preview_images(env):
@@ -124,7 +125,7 @@ def test_bad_inputs_give_clear_messages(env):
         record(env, env["plain"])
     with pytest.raises(AFAError, match="point 30 does not exist.*5 aggregation points"):
         record(env, points="30")
-    assert "cannot read steps" in env["maps"].AFARecordAttention.VALIDATE_INPUTS("first 2")
+    assert "cannot read steps" in env["maps"].AFARecordAttention.validate_inputs("first 2")
     _, off = record(env, enabled=False)
     out = ksample(env, env["model"])
     with pytest.raises(AFAError, match="recording was off"):

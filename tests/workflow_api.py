@@ -15,6 +15,11 @@ is turned into what POST /prompt takes: ``{"<id>": {"class_type", "inputs"}}``.
   ``PrimitiveNode`` (frontend-only), followed through ``Reroute`` nodes.
 * Values after a node's own widgets (widgets added by frontend extensions) are
   ignored unless ``strict``.
+* A growing input (V3 ``Autogrow``, type ``COMFY_AUTOGROW_V3``) is a row of sockets named
+  ``<input>.<slot>`` (its template's ``names``; the first ``min`` required). A saved socket
+  named in the other style (``model_3`` where the server has ``models.model_3``, or the
+  reverse) is renamed as the pack's web extension (web/afa_slots.js) renames it when the
+  frontend loads the file: connected ones keep their link, empty ones are dropped.
 * ``Note``/``MarkdownNote``/``Reroute``/``PrimitiveNode`` are frontend-only and left
   out; muted nodes (mode 2) too; bypassed nodes (mode 4) are refused.
 
@@ -36,6 +41,7 @@ FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 SEED_NAMES = ("seed", "noise_seed")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+AUTOGROW = "COMFY_AUTOGROW_V3"
 MODE_MUTED, MODE_BYPASS = 2, 4
 UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
 UPLOAD_VALUES = ("image", "video", "audio", None)
@@ -87,8 +93,19 @@ def has_control_after_generate(name: str, spec) -> bool:
     return t == "INT" and name in SEED_NAMES
 
 
+def autogrow_slots(name: str, spec) -> list[tuple[str, Any, str]]:
+    """The sockets of a growing input: [("<name>.<slot>", template spec, section)]."""
+    template = _spec_options(spec).get("template") or {}
+    inner = template.get("input") or {}
+    tspec = next(iter((inner.get("required") or inner.get("optional") or {}).values()), None)
+    slots = template.get("names") or [f"{template.get('prefix', '')}{i}" for i in range(template.get("max", 0))]
+    low = template.get("min", 1)
+    return [(f"{name}.{slot}", tspec, "required" if i < low else "optional") for i, slot in enumerate(slots)]
+
+
 def input_specs(node_info: dict) -> list[tuple[str, Any, str]]:
-    """[(name, spec, section)] in the frontend's order (input_order when given)."""
+    """[(name, spec, section)] in the frontend's order (input_order when given); a growing
+    input is expanded into its sockets."""
     out = []
     inputs = node_info.get("input") or {}
     order = node_info.get("input_order") or {}
@@ -96,8 +113,21 @@ def input_specs(node_info: dict) -> list[tuple[str, Any, str]]:
         specs = inputs.get(section) or {}
         for name in order.get(section) or list(specs):
             if name in specs:
-                out.append((name, specs[name], section))
+                if _spec_type(specs[name]) == AUTOGROW:
+                    out += autogrow_slots(name, specs[name])
+                else:
+                    out.append((name, specs[name], section))
     return out
+
+
+def renamed_slot(name: str, by_name: dict) -> str | None:
+    """The server's name for a saved socket named in the other growing-input style, else None."""
+    grown = {n.split(".", 1)[1]: n for n in by_name if "." in n}
+    if name in grown:
+        return grown[name]                                   # model_3 -> models.model_3
+    if "." in name and name.split(".", 1)[1] in by_name:
+        return name.split(".", 1)[1]                         # models.model_3 -> model_3
+    return None
 
 
 def _types_compatible(out_type: str, in_type) -> bool:
@@ -241,6 +271,10 @@ class _Converter:
             name = slot.get("name")
             widget_name = (slot.get("widget") or {}).get("name")
             key = widget_name or name
+            if key not in by_name and renamed_slot(key, by_name):
+                if slot.get("link") is None:
+                    continue                                 # an empty old-style slot: dropped
+                key = renamed_slot(key, by_name)
             if key not in by_name:
                 if key in hidden:
                     self.fail(f"input '{key}' is hidden on the server and cannot be connected", node)
@@ -263,8 +297,10 @@ class _Converter:
             elif name in widget_vals:
                 self.check_value(node, name, spec, widget_vals[name])
                 inputs[name] = widget_vals[name]
-            elif section == "required" and not is_widget(spec):
+            elif section == "required" and not is_widget(spec) and "." not in name:
                 self.fail(f"required input '{name}' ({_spec_type(spec)}) is not connected", node)
+            elif section == "required" and "." in name:
+                self.fail(f"required socket '{name}' of a growing input is not connected", node)
         return {"class_type": node["type"], "inputs": inputs,
                 "_meta": {"title": node.get("title") or node["type"]}}
 
