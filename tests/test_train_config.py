@@ -168,3 +168,18 @@ def test_studio_form_is_generated_from_the_config(comfy):
     options = check_options({"steps": 7.0, "sabw_hidden": "64", "sabw_heads": 4})
     assert (options["steps"], options["sabw_hidden"], options["save_every"]) == (7, 64, 250)
     assert "cache_dir" not in specs  # CLI only: the studio trains inside ComfyUI's folders
+
+
+@pytest.mark.comfyui
+def test_node_fingerprint_follows_the_dataset_files(comfy_nodes, comfy):
+    """ComfyUI caches a node by its inputs: the node re-trains when a file of its dataset changes."""
+    import os
+
+    from toy_dataset import make_dataset
+    node = comfy_nodes["AFATrainAggregator"]
+    folder = make_dataset(comfy.input_dir / "afa_fingerprint_ds", n=2)
+    before = node.fingerprint_inputs(dataset_folder="afa_fingerprint_ds", steps=3)
+    assert before and before == node.fingerprint_inputs(dataset_folder="afa_fingerprint_ds", steps=3)
+    os.utime(folder / "img_0.txt", ns=(1, 1))
+    assert node.fingerprint_inputs(dataset_folder="afa_fingerprint_ds") != before
+    assert node.fingerprint_inputs(dataset_folder="../elsewhere") == ""

@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 from afa_nodes import logger
 from afa_nodes.core.errors import DatasetError
 
+CROPS = ("center", "random")  # how a training image is cut to its size (validation: always center)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHOW_NAMES = 5  # file names (or image indices) listed in log summaries and errors
 
@@ -160,8 +161,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder, resolution: int = 512, crop: str = "center", seed: int = 0,
                  bucketing: bool = False, max_ratio: float = 2.0):
-        if crop not in ("center", "random"):
-            raise DatasetError(f"crop must be 'center' or 'random', got {crop!r}.")
+        _check_crop(crop)
         if resolution < 8 or resolution % 8:
             raise DatasetError(f"resolution {resolution} must be a positive multiple of 8 (VAE).")
         self.folder, self.resolution, self.crop, self.seed = Path(folder), resolution, crop, seed
@@ -209,8 +209,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def with_crop(self, crop: str) -> "ImageDataset":
         """The same scanned images with another crop mode (no rescan), e.g. center for validation."""
-        if crop not in ("center", "random"):
-            raise DatasetError(f"crop must be 'center' or 'random', got {crop!r}.")
+        _check_crop(crop)
         view = copy.copy(self)
         view.crop = crop
         return view
@@ -231,6 +230,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         i = self.samples[k]
         return {"image": self.image(i), "caption": self.entries[i].caption, "index": i}
+
+
+def _check_crop(crop: str) -> None:
+    if crop not in CROPS:
+        raise DatasetError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}.")
 
 
 def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -24,12 +24,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .dataset import CROPS
 from .errors import TrainingError
 from .spec import Mode
 
 NODE, STUDIO, CLI = "node", "studio", "cli"          # the front ends
 ALL, TOOLS = frozenset({NODE, STUDIO, CLI}), frozenset({STUDIO, CLI})
-CROPS = ("center", "random")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 RUN_NEEDS = ("dataset", "out")                       # what a training run must be given
 _UNSET = object()
