@@ -1,6 +1,8 @@
 """Every example workflow in workflows/ runs on a real ComfyUI server.
 
-The workflows are UI (litegraph) files, as artists drag and drop them. Each is converted
+The workflows are UI (litegraph) files, as artists drag and drop them. Besides workflows/,
+copies of the workflows shared before the nodes became V3 (tests/fixtures/workflows_v1/,
+never edited: SHA256SUMS) must still load and run unchanged. Each is converted
 to an API prompt with tests/workflow_api.py against the server's /object_info (which also
 checks every node type, input and widget value the file uses), shrunk to tiny settings
 (96x64 latents, a tenth of the sampling steps, 2 training steps), queued with POST /prompt
@@ -26,6 +28,7 @@ from comfy_server import ComfyServerError
 from PIL import Image
 from workflow_api import (
     WorkflowError,
+    input_specs,
     iter_workflows,
     load_workflow,
     node_types,
@@ -39,7 +42,8 @@ pytestmark = pytest.mark.comfyui
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows"
-WORKFLOWS = list(iter_workflows(WORKFLOWS_DIR))
+FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures" / "workflows_v1"
+WORKFLOWS = list(iter_workflows(WORKFLOWS_DIR)) + list(iter_workflows(FIXTURES_DIR))
 OUR_NODES = ["AFAEnsembleLoader", "AFAEnsemble", "AFACLIPMerge", "AFALoadAggregator", "AFATrainAggregator",
              "AFARecordAttention", "AFAAttentionPreview"]
 DEMO_CKPT = "afa_demo_sd15_synthetic_{}.safetensors"
@@ -57,13 +61,27 @@ EXPECT = {
     "afa_fewer_steps.json": {"nodes": {"AFAEnsemble": 1, "KSampler": 2}, "saved": 2},
     "afa_attention_maps.json": {"nodes": {"AFARecordAttention": 1, "AFAAttentionPreview": 1}, "saved": 2},
     "afa_train_aggregator.json": {"nodes": {"AFATrainAggregator": 1, "AFAEnsemble": 2}, "saved": 2},
+    "afa_5_models_txt2img.json": {"nodes": {"CheckpointLoaderSimple": 5, "AFAEnsemble": 1, "AFACLIPMerge": 1,
+                                            "KSampler": 1}, "saved": 1, "grown": 5},
 }
+
+
+def label(path: Path) -> str:
+    """Test id / artifacts folder of a workflow file (fixtures prefixed v1_)."""
+    return ("v1_" if path.parent == FIXTURES_DIR else "") + path.stem
 
 
 def test_the_example_workflows_are_there():
     assert WORKFLOWS, f"no workflows in {WORKFLOWS_DIR}"
-    missing = sorted(set(EXPECT) - {p.name for p in WORKFLOWS})
+    missing = sorted(set(EXPECT) - {p.name for p in WORKFLOWS if p.parent == WORKFLOWS_DIR})
     assert not missing, f"workflows named in EXPECT but not in {WORKFLOWS_DIR}: {missing}"
+
+
+def test_the_pre_v3_workflow_copies_are_unchanged():
+    import hashlib
+    sums = dict(line.split()[::-1] for line in (FIXTURES_DIR / "SHA256SUMS").read_text().splitlines())
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in iter_workflows(FIXTURES_DIR)}
+    assert files == sums and len(files) >= 6
 
 
 # ---------------------------------------------------------------- fixtures
@@ -94,7 +112,7 @@ def test_pack_imported(server, object_info):
 
 
 # ---------------------------------------------------------------- conversion
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[label(p) for p in WORKFLOWS])
 def test_workflow_fits_the_server(path, object_info):
     wf = load_workflow(path)
     prompt = to_api(wf, object_info, path.name)           # raises naming workflow, node and input
@@ -116,6 +134,13 @@ def test_workflow_fits_the_server(path, object_info):
         (_, loader), = nodes_of(prompt, "AFAEnsembleLoader")
         used = [v for k, v in loader["inputs"].items() if k.startswith("ckpt") and v != "none"]
         assert len(set(used)) == expect["models"] and loader["inputs"]["mode"] == "block-wise average"
+    if "grown" in expect:  # the growing input, named as this server declares it
+        (_, ens), = nodes_of(prompt, "AFAEnsemble")
+        (_, merge), = nodes_of(prompt, "AFACLIPMerge")
+        grown = "models" in object_info["AFAEnsemble"]["input"]["required"]
+        slots = [f"models.model_{i}" if grown else f"model_{i}" for i in range(1, expect["grown"] + 1)]
+        assert [k for k in ens["inputs"] if isinstance(ens["inputs"][k], list)] == slots
+        assert [k for k in merge["inputs"]] == [s.replace("model", "clip") for s in slots]
 
 
 def test_converter_names_what_is_missing(object_info):
@@ -197,6 +222,14 @@ def tiny(prompt: dict) -> dict:
     return prompt
 
 
+def reseed(prompt: dict, offset: int) -> None:
+    """Add `offset` to every literal seed input (KSampler, the trainer, ...)."""
+    for node in prompt.values():
+        for k, v in node["inputs"].items():
+            if "seed" in k and isinstance(v, int) and not isinstance(v, bool):
+                node["inputs"][k] = v + offset
+
+
 def make_dataset(folder: Path, count: int = 4) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -227,7 +260,7 @@ def check_image(path: Path, size=None) -> np.ndarray:
 
 
 def artifacts_dir(name: str) -> Path:
-    d = ARTIFACTS / Path(name).stem
+    d = ARTIFACTS / name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     return d
@@ -254,12 +287,14 @@ def execution_error(entry: dict) -> dict | None:
     return None
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[label(p) for p in WORKFLOWS])
 def test_workflow_runs(path, server, object_info, models_dir):
     srv, created = server
     name = path.name
     prompt = tiny(to_api(load_workflow(path), object_info, name))
-    art = artifacts_dir(name)
+    if path.parent == FIXTURES_DIR:  # other seeds than workflows/' same file: really run, not from the cache
+        reseed(prompt, 1000)
+    art = artifacts_dir(label(path))
     (art / "prompt_api.json").write_text(json.dumps(prompt, indent=2), encoding="utf-8")
     trains = nodes_of(prompt, "AFATrainAggregator")
     for _, node in trains:
@@ -419,8 +454,7 @@ def test_frontend_loads_workflows_and_agrees_with_converter(server, object_info)
         def known(prompt):
             out = {}
             for k, v in prompt.items():
-                spec = object_info[v["class_type"]]["input"]
-                names = set(spec.get("required", {})) | set(spec.get("optional", {}))
+                names = {n for n, _, _ in input_specs(object_info[v["class_type"]])}  # growing inputs' slots too
                 out[k] = {"class_type": v["class_type"],
                           "inputs": {i: x for i, x in v["inputs"].items() if i in names}}
             return out
