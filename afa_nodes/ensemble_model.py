@@ -17,6 +17,8 @@ import comfy.ops
 import comfy.patcher_extension
 
 from . import logger
+from .comfy_flux import ComfyFluxExpert, FluxControl
+from .comfy_mmdit import ComfyMMDiTExpert, MMDiTControl, swapped_forward
 from .comfy_unet import ComfyExpert, ComfyHooks, split_adm, split_per_model
 from .core.aggregator_file import check_fits
 from .core.ensemble import EnsembleExecutor, mixer_for
@@ -44,6 +46,7 @@ class Ensemble:
     aggregator: Optional[torch.nn.Module] = None
     aggregator_patcher: object = None
     recorder: Optional[Callable] = None   # recorder(point, weights, ctx: StepContext)
+    block_patches: Optional[list] = None  # DiTs: each expert's own patches_replace["dit"] when built
 
     @property
     def num_models(self):
@@ -90,6 +93,71 @@ def _diffusion_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
     return afa_diffusion_model
 
 
+def _selected(ensemble: Ensemble, *per_model):
+    """Mode SINGLE_MODEL runs one expert: keep its entry of every per-model list."""
+    if ensemble.mode is not Mode.SINGLE_MODEL:
+        return per_model
+    k = ensemble.spec.single_index
+    return tuple([values[k]] for values in per_model)
+
+
+def _dit_block_patches(ensemble: Ensemble, transformer_options):
+    """Each expert's block patches: expert 1 gets this call's (its own plus any put on the AFA
+    MODEL later); the others their own, plus those put on the AFA MODEL after ensembling."""
+    now = transformer_options.get("patches_replace", {}).get("dit", {})
+    own = ensemble.block_patches or [{} for _ in ensemble.models]
+    added = {key: patch for key, patch in now.items() if key not in own[0]}
+    return [now] + [{**mine, **added} for mine in own[1:]]
+
+
+def _flux_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
+    layout = ensemble.layout
+
+    def afa_flux(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                 transformer_options={}, **kwargs):
+        n = ensemble.num_models
+        modules = [executor.class_obj] + [m.diffusion_model for m in ensemble.models[1:]]
+        contexts = split_per_model(context, n, layout.context_dim, "the text context")
+        ys = split_per_model(y, n, layout.vec_dim, "the pooled text vector") if layout.vec_dim else [y] * n
+        modules, contexts, ys, patches = _selected(ensemble, modules, contexts, ys,
+                                                   _dit_block_patches(ensemble, transformer_options))
+        experts = [ComfyFluxExpert(m, x, timestep, c, yy, guidance, ref_latents, transformer_options, kwargs, p)
+                   for m, c, yy, p in zip(modules, contexts, ys, patches)]
+        return executor_core.forward(experts, {"contexts": contexts, "hooks": FluxControl(control)},
+                                     step_context(transformer_options, ensemble.recorder))
+    return afa_flux
+
+
+def _mmdit_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
+    """MMDiT.forward has no DIFFUSION_MODEL wrapper: enter at APPLY_MODEL and swap expert 1's
+    forward for the duration of the call (ComfyUI's own input scaling and output stay)."""
+    layout = ensemble.layout
+
+    def afa_mmdit_apply(executor, *args, **kwargs):
+        module = executor.class_obj.diffusion_model
+
+        def forward(x, timesteps, context=None, y=None, control=None, transformer_options={}, **_):
+            n = ensemble.num_models
+            modules = [module] + [m.diffusion_model for m in ensemble.models[1:]]
+            contexts = split_per_model(context, n, layout.context_dim, "the text context")
+            ys = split_per_model(y, n, layout.adm_dim, "the pooled text vector") if layout.adm_dim else [y] * n
+            modules, contexts, ys, patches = _selected(ensemble, modules, contexts, ys,
+                                                       _dit_block_patches(ensemble, transformer_options))
+            experts = [ComfyMMDiTExpert(m, x, timesteps, c, yy, transformer_options, p)
+                       for m, c, yy, p in zip(modules, contexts, ys, patches)]
+            return executor_core.forward(experts, {"contexts": contexts, "hooks": MMDiTControl(control)},
+                                         step_context(transformer_options, ensemble.recorder))
+        with swapped_forward(module, forward):
+            return executor(*args, **kwargs)
+    return afa_mmdit_apply
+
+
+# family -> (the wrapper kind ComfyUI calls, the wrapper factory)
+ENTRIES = {"unet": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _diffusion_wrapper),
+           "flux": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _flux_wrapper),
+           "mmdit": (comfy.patcher_extension.WrappersMP.APPLY_MODEL, _mmdit_wrapper)}
+
+
 def _prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
     """Reserve activation memory for the ensemble, not for one model."""
     base = model.model
@@ -109,7 +177,10 @@ def install(patcher, ensemble: Ensemble):
     """(Re)install the ensemble on `patcher` (a clone): repeatable, removes before adding."""
     ensemble.mixer = mixer_for(ensemble.spec, ensemble.layout, ensemble.num_models, ensemble.aggregator)
     executor_core = EnsembleExecutor(ensemble.layout, ensemble.mixer)
-    for kind, fn in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _diffusion_wrapper(ensemble, executor_core)),
+    entry, factory = ENTRIES[ensemble.layout.family]
+    for kind in (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
+        patcher.remove_wrappers_with_key(kind, KEY)
+    for kind, fn in ((entry, factory(ensemble, executor_core)),
                      (comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, _prepare_sampling_wrapper)):
         patcher.remove_wrappers_with_key(kind, KEY)
         patcher.add_wrapper_with_key(kind, KEY, fn)
@@ -153,12 +224,14 @@ def build_ensemble(patchers, names, spec: Optional[EnsembleSpec] = None, aggrega
     layout = layouts[0]
     primary = patchers[0].clone()
     ensemble = Ensemble(names=list(names), hashes=hashes, sources=list(sources) if sources else None,
-                        models=[p.model for p in patchers], layout=layout, spec=spec)
+                        models=[p.model for p in patchers], layout=layout, spec=spec,
+                        block_patches=[dict(p.model_options.get("transformer_options", {})
+                                            .get("patches_replace", {}).get("dit", {})) for p in patchers])
     extra = [p for p in unique if p.model is not primary.model]
     if spec.mode is Mode.AGGREGATOR:
         if aggregator_file is None:
             raise AFAError("mode 'aggregator' needs an aggregator file: pick one from models/afa, "
-                           "or a training-free mode such as 'block-wise average'.")
+                           f"or a training-free mode such as '{Mode.BLOCK_AVERAGE}'.")
         check_fits(aggregator_file, layout, names, hashes if all(hashes) else None)
         ensemble.aggregator, ensemble.aggregator_patcher = aggregator_patcher(
             aggregator_file, layout, aggregator_dtype(spec, primary.model_dtype()))

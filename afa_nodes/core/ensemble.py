@@ -100,7 +100,7 @@ def fixed_weights_mixer(layout: Layout, group_weights: dict):
     each vector is normalised to sum 1."""
     table = []
     for p in layout.points:
-        w = group_weights["output" if p.stage == "final" else p.stage]
+        w = group_weights[layout.weight_group(p)]
         total = float(sum(w))
         if any(v < 0 for v in w) or total <= 0:
             raise AFAError(f"model weights must be >= 0 with a positive sum, got {list(w)}")

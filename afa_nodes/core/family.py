@@ -43,6 +43,10 @@ class Layout:
         """What must match between experts, and between an aggregator file and a MODEL."""
         raise NotImplementedError
 
+    def weight_group(self, point: AggregationPoint) -> str:
+        """Which group of 'fixed weights' ("input" | "middle" | "output") a point belongs to."""
+        return "output" if point.stage == "final" else point.stage
+
     def describe(self) -> str:
         return (f"{self.family}: {len(self.points)} points, context {self.context_dim}, "
                 f"channels {'/'.join(str(c) for c in sorted(set(self.point_channels)))}")

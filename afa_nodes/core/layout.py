@@ -1,17 +1,24 @@
 """Which family a diffusion model belongs to, its layout derived from its own structure, and
-whether experts match. Families today: "unet" (LDM UNets: SD1.x, SD2.x, SDXL, core/unet.py).
+whether experts match. Families: "unet" (LDM UNets: SD1.x, SD2.x, SDXL, core/unet.py),
+"flux" (FLUX.1 dev/schnell and fine-tunes, core/flux.py), "mmdit" (SD3/SD3.5, core/mmdit.py).
 A new family adds its `matches` / `derive` pair to FAMILIES (see core/family.py for what a
 family provides).
 """
 from torch import nn
 
-from . import unet
+from . import flux, mmdit, unet
 from .errors import IncompatibleModelsError
 from .family import AggregationPoint, Layout, signature_family  # noqa: F401  (the layout vocabulary)
+from .flux import FluxLayout  # noqa: F401
+from .mmdit import MMDiTLayout  # noqa: F401
 from .unet import UNetLayout  # noqa: F401
 
 # (matches(model) -> bool, derive(model, what) -> Layout), tried in order
-FAMILIES = [(unet.matches, unet.derive_unet_layout)]
+FAMILIES = [(unet.matches, unet.derive_unet_layout),
+            (flux.matches, flux.derive_flux_layout),
+            (mmdit.matches, mmdit.derive_mmdit_layout)]
+FAMILY_NAMES = {"unet": "an LDM UNet (SD1.x, SD2.x, SDXL)", "flux": "a FLUX model (FLUX.1 dev/schnell, fine-tunes)",
+                "mmdit": "an MMDiT (SD3, SD3.5)"}
 
 
 def derive_layout(model: nn.Module, what: str = "model") -> Layout:
@@ -20,8 +27,8 @@ def derive_layout(model: nn.Module, what: str = "model") -> Layout:
         if matches(model):
             return derive(model, what)
     raise IncompatibleModelsError(
-        f"{what} is a {type(model).__name__}, which AFA cannot ensemble yet: supported are LDM UNets "
-        "(SD1.x, SD2.x, SDXL). DiT models (FLUX, SD3) are not supported yet.")
+        f"{what} is a {type(model).__name__}, which AFA cannot ensemble yet: supported are "
+        f"{', '.join(FAMILY_NAMES.values())}.")
 
 
 def check_same_layout(layouts, names):
@@ -31,6 +38,11 @@ def check_same_layout(layouts, names):
         other = layout.signature()
         if other == first:
             continue
+        if layout.family != layouts[0].family:
+            raise IncompatibleModelsError(
+                f"'{name}' is {FAMILY_NAMES.get(layout.family, layout.family)} but '{names[0]}' is "
+                f"{FAMILY_NAMES.get(layouts[0].family, layouts[0].family)}: AFA mixes block features, so all "
+                "models must share one architecture (one family, one size). Ensemble models of one family.")
         diffs = [k for k in first if first[k] != other.get(k)]
         raise IncompatibleModelsError(
             f"'{name}' does not match '{names[0]}' ({', '.join(diffs) or 'family'} differ: "

@@ -1,0 +1,128 @@
+"""Tiny FLUX and SD3 (MMDiT) models made from ComfyUI's own classes, for tests, benchmarks and
+demos. Random seeded weights: what they draw is noise, but every block is ComfyUI's own code.
+
+* FLUX: ComfyUI's detection fixes FLUX's width at 3072 (24 heads, rotary axes 16/56/56), so a
+  tiny FLUX is built directly from `comfy.supported_models.Flux` / `FluxSchnell` and
+  `model_base.Flux` with a small `unet_config` (`flux_patcher`).
+* SD3: detection reads every width from the weights, so a tiny SD3 is a state dict in the real
+  key layout (`sd3_state_dict`) that `comfy.sd.load_diffusion_model_state_dict` (what the
+  "Load Diffusion Model" node uses) detects as SD3 (`sd3_patcher`, `save_sd3`).
+* `finetuned(...)`: a copy of a model with every weight moved by a relative amount, as a
+  stand-in for a fine-tune of one base model.
+
+ComfyUI is imported inside the functions (the caller has booted it).
+"""
+import dataclasses
+import math
+
+import torch
+
+TINY_FLUX = dict(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+                 mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12],
+                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+# detected as SD3: width = 64 * depth; context / pooled widths as CLIP-L fed through ComfyUI's
+# SD3 text encoder gives them (77 x 4096 tokens, 2048 pooled)
+TINY_SD3 = dict(depth=2, in_channels=16, patch_size=2, context_dim=4096, adm_dim=2048, pos_embed_max_size=16)
+
+
+def _fill(module: torch.nn.Module, seed: int) -> dict:
+    """Seeded weights for every state-dict entry: matrices N(0, 1/fan_in), norm scales 1,
+    biases and positional tables small."""
+    gen = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for key, t in module.state_dict().items():
+        shape, leaf = tuple(t.shape), key.rsplit(".", 1)[-1]
+        if leaf == "scale" or (leaf == "weight" and len(shape) == 1):
+            value = torch.ones(shape)
+        elif len(shape) >= 2 and key != "pos_embed":
+            value = torch.randn(shape, generator=gen) / math.sqrt(max(math.prod(shape[1:]), 1))
+        else:
+            value = torch.randn(shape, generator=gen) * (0.5 if key == "pos_embed" else 0.02)
+        out[key] = value
+    return out
+
+
+def _patcher(base_model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(base_model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def flux_patcher(seed: int, schnell: bool = False, dtype=torch.float32, **overrides):
+    """A tiny FLUX.1 [dev] (guidance, ModelSamplingFlux) or [schnell] (no guidance, discrete flow)
+    as a ModelPatcher; `overrides` change TINY_FLUX entries (e.g. depth=3)."""
+    import comfy.supported_models
+    from comfy.ldm.flux.model import FluxParams
+
+    known = {f.name for f in dataclasses.fields(FluxParams)}
+    config = {k: v for k, v in {**TINY_FLUX, **overrides}.items() if k in known}
+    config["image_model"] = "flux"
+    config["guidance_embed"] = not schnell
+    model_config = (comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux)(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(_fill(model.diffusion_model, seed))
+    return _patcher(model.eval())
+
+
+def _meta_mmdit(config: dict):
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+    hidden = 64 * config["depth"]
+    with torch.device("meta"):
+        return MMDiT(input_size=None, patch_size=config["patch_size"], in_channels=config["in_channels"],
+                     depth=config["depth"], adm_in_channels=config["adm_dim"],
+                     context_embedder_config={"target": "torch.nn.Linear",
+                                              "params": {"in_features": config["context_dim"], "out_features": hidden}},
+                     pos_embed_max_size=config["pos_embed_max_size"],
+                     num_patches=config["pos_embed_max_size"] ** 2, pos_embed_scaling_factor=None,
+                     device="meta", operations=comfy.ops.disable_weight_init)
+
+
+def sd3_state_dict(seed: int, dtype=torch.float32, **overrides) -> dict:
+    """A tiny SD3 diffusion model in the real key layout (no prefix), seeded weights."""
+    config = {**TINY_SD3, **overrides}
+    return {k: v.to(dtype) for k, v in _fill(_meta_mmdit(config), seed).items()}
+
+
+def sd3_patcher(seed: int, dtype=torch.float32, **overrides):
+    """A tiny SD3 loaded (and detected) the way "Load Diffusion Model" loads one."""
+    import comfy.sd
+
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd3_state_dict(seed, **overrides),
+                                                       model_options={"dtype": dtype})
+    if patcher is None or type(patcher.model).__name__ != "SD3":
+        raise RuntimeError("this ComfyUI does not detect the tiny MMDiT state dict as SD3")
+    return patcher
+
+
+def save_sd3(path, seed: int, dtype=torch.float16, **overrides):
+    """Write a tiny SD3 diffusion model file (for models/diffusion_models, "Load Diffusion Model")."""
+    import safetensors.torch
+
+    from .core.files import atomic_write
+
+    tensors = {k: v.contiguous() for k, v in sd3_state_dict(seed, dtype, **overrides).items()}
+    meta = {"afa.synthetic": "true", "afa.kind": "sd3-tiny", "afa.seed": str(int(seed)),
+            "modelspec.title": f"ComfyUI-AFA tiny SD3 (seed {seed}); random weights, not a real model"}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def finetuned(patcher, seed: int, amount: float = 0.2):
+    """A new model of `patcher`'s class and config whose every float weight is the original's
+    moved by `amount` x that tensor's spread x N(0, 1): a stand-in for a fine-tune of one base."""
+    gen = torch.Generator().manual_seed(int(seed))
+    source = patcher.model
+    model = source.model_config.get_model({})
+    state = {}
+    for key, value in source.diffusion_model.state_dict().items():
+        if value.is_floating_point() and value.numel() > 1:
+            noise = torch.randn(value.shape, generator=gen) * amount * value.float().std()
+            value = (value.float() + noise).to(value.dtype)
+        state[key] = value
+    model.diffusion_model.load_state_dict(state)
+    return _patcher(model.eval())

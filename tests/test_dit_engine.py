@@ -1,0 +1,220 @@
+"""DiT ensembles (FLUX, SD3) inside real ComfyUI, on tiny models made from ComfyUI's own classes
+(afa_nodes/comfy_dit_models.py): the block-by-block walk equals the model's own forward, and
+the ensemble invariants hold through ComfyUI's sampling path (common_ksampler)."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+
+MODES = ("block-wise average", "noise average", "fixed weights", "single model", "aggregator")
+
+
+@pytest.fixture(scope="module")
+def dit(comfy, one_thread):
+    import nodes
+    from afa_nodes import comfy_dit_models, ensemble_model
+    return dict(nodes=nodes, models=comfy_dit_models, ens=ensemble_model,
+                flux=[comfy_dit_models.flux_patcher(s) for s in (1, 2)],
+                sd3=[comfy_dit_models.sd3_patcher(s) for s in (1, 2)])
+
+
+def conditioning(family, seed=0, width=1):
+    """(positive, negative, cfg) for a family; `width` models' encodings stacked per model."""
+    g = torch.Generator().manual_seed(seed)
+    ctx, pooled, extra, cfg = (48, 32, {"guidance": 3.5}, 1.0) if family == "flux" else (4096, 2048, {}, 3.0)
+    pos = [[torch.randn(1, 7, ctx * width, generator=g), {"pooled_output": torch.randn(1, pooled * width, generator=g), **extra}]]
+    neg = [[torch.zeros(1, 7, ctx * width), {"pooled_output": torch.zeros(1, pooled * width), **extra}]]
+    return pos, neg, cfg
+
+
+def sample(dit, model, family, steps=3, seed=3, cond=None):
+    pos, neg, cfg = cond or conditioning(family)
+    latent = {"samples": torch.zeros(2, 16, 6, 10)}    # not square, two images
+    with torch.inference_mode():
+        return dit["nodes"].common_ksampler(model, seed, steps, cfg, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+
+def aggregator_file(dit, tmp_path, model, n, name, zero=False):
+    """A random (far from uniform) or fresh (zero conv_out) aggregator for an ensemble's layout."""
+    from afa_nodes.core.aggregator_file import load_aggregator, save_aggregator
+    from afa_nodes.core.sabw import Aggregator, SABWConfig
+    layout = dit["ens"].require_ensemble(model).layout
+    agg = Aggregator(layout.point_channels, SABWConfig(n, hidden=32, heads=4, depth=1, context_dim=layout.context_dim,
+                                                       time_embed_dim=layout.time_embed_dim))
+    if not zero:
+        torch.manual_seed(5)
+        for block in agg.blocks:
+            torch.nn.init.normal_(block.conv_out.weight, std=2.0)
+    save_aggregator(tmp_path / name, agg, layout, [])
+    return load_aggregator(tmp_path / name)
+
+
+def ensemble(dit, patchers, mode="block-wise average", agg=None, weights="", index=1):
+    from afa_nodes.core.spec import EnsembleSpec
+    spec = EnsembleSpec.from_ui((), mode, agg.path if agg else None, weights, index)
+    names = [f"model {i + 1}" for i in range(len(patchers))]
+    return dit["ens"].build_ensemble(patchers, names, spec, aggregator_file=agg)
+
+
+def test_walk_over_one_model_equals_its_forward(dit):
+    """The hand-written walk over ONE model reproduces ComfyUI's forward bit for bit (odd sizes
+    are padded; FLUX Kontext reference latents; FLUX schnell without guidance)."""
+    from afa_nodes.comfy_flux import ComfyFluxExpert
+    from afa_nodes.comfy_mmdit import ComfyMMDiTExpert
+    from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
+    from afa_nodes.core.layout import derive_layout
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 7, 10, generator=g), torch.tensor([0.9, 0.2])
+    schnell = dit["models"].flux_patcher(3, schnell=True).model.diffusion_model
+    cases = []
+    for m, guidance, refs in ((dit["flux"][0].model.diffusion_model, torch.tensor([3.5, 2.0]), None),
+                              (dit["flux"][0].model.diffusion_model, torch.tensor([3.5, 2.0]), [torch.randn(2, 16, 4, 6, generator=g)]),
+                              (schnell, None, None)):
+        c, y = torch.randn(2, 5, 48, generator=g), torch.randn(2, 32, generator=g)
+        cases.append((m, lambda m=m, c=c, y=y, gd=guidance, r=refs: m(x, t, c, y=y, guidance=gd, ref_latents=r, transformer_options={}),
+                      lambda m=m, c=c, y=y, gd=guidance, r=refs: ComfyFluxExpert(m, x, t, c, y, gd, r), c))
+    m = dit["sd3"][0].model.diffusion_model
+    c, y = torch.randn(2, 5, 4096, generator=g), torch.randn(2, 2048, generator=g)
+    cases.append((m, lambda: m(x, t * 1000, context=c, y=y, transformer_options={}),
+                  lambda: ComfyMMDiTExpert(m, x, t * 1000, c, y), c))
+    for m, forward, expert, c in cases:
+        layout = derive_layout(m)
+        with torch.inference_mode():
+            reference = forward()
+            ours = EnsembleExecutor(layout, uniform_mixer(len(layout.points), 1)).forward([expert()], {"contexts": [c]})
+        assert reference.shape == x.shape and torch.equal(ours, reference), layout.describe()
+
+
+def test_layouts_derived_from_the_module_structure(dit):
+    from afa_nodes.core.layout import derive_layout
+    flux = derive_layout(dit["flux"][0].model.diffusion_model)
+    deeper = derive_layout(dit["models"].flux_patcher(1, depth=3).model.diffusion_model)
+    sd3 = derive_layout(dit["sd3"][0].model.diffusion_model)
+    assert flux.point_names == ["double 0", "double 1", "single 0", "single 1", "final"]
+    assert flux.point_channels == [64, 64, 64, 64, 64] and flux.context_dim == 48 and flux.vec_dim == 32
+    assert flux.signature()["family"] == "flux" and flux.guidance and deeper.num_double == 3
+    assert sd3.point_names == ["joint 0", "joint 1", "final"] and sd3.point_channels == [128, 128, 64]
+    assert (sd3.signature()["family"], sd3.context_dim, sd3.adm_dim) == ("mmdit", 4096, 2048)
+    assert [flux.weight_group(p) for p in flux.points] == ["input", "input", "middle", "output", "output"]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_identical_experts_equal_the_single_model_in_every_mode(dit, family, tmp_path):
+    base = dit[family][0]
+    expected = sample(dit, base, family)
+    probe = ensemble(dit, [base, base.clone(), base])
+    agg = aggregator_file(dit, tmp_path, probe, 3, f"{family}_copies.safetensors")
+    for mode in MODES:
+        model = ensemble(dit, [base, base.clone(), base], mode, agg if mode == "aggregator" else None,
+                         weights="0.2, 0.5, 0.3", index=2)
+        got = sample(dit, model, family)
+        assert (got - expected).abs().max() <= 1e-5, mode
+    # each model's own encoding stacked along the features (as the AFA CLIP gives it; here all
+    # equal): the copies still equal the model fed one of them
+    pos, neg, cfg = conditioning(family)
+    stacked = [[[c.repeat(1, 1, 3), {k: v.repeat(1, 3) if k == "pooled_output" else v for k, v in extra.items()}]
+                for c, extra in cond] for cond in (pos, neg)]
+    model = ensemble(dit, [base, base.clone(), base], "aggregator", agg)
+    assert (sample(dit, model, family, cond=(*stacked, cfg)) - expected).abs().max() <= 1e-5
+
+
+def test_each_model_gets_its_own_stacked_encoding(dit):
+    """Stacked per-model encodings [B, T, N*width] / pooled [B, N*width] are split per expert."""
+    a, b = dit["sd3"]
+    pos, neg, cfg = conditioning("sd3", seed=1, width=2)
+
+    def part(k):
+        return [[[c.chunk(2, -1)[k], {n: v.chunk(2, -1)[k] if n == "pooled_output" else v for n, v in extra.items()}]
+                 for c, extra in cond] for cond in (pos, neg)]
+    got = sample(dit, ensemble(dit, [a, b], "single model", index=2), "sd3", cond=(pos, neg, cfg))
+    assert (got - sample(dit, b, "sd3", cond=(*part(1), cfg))).abs().max() <= 1e-5
+    assert (got - sample(dit, b, "sd3", cond=(*part(0), cfg))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_two_different_experts_modes_and_fresh_aggregator(dit, family, tmp_path):
+    a, b = dit[family]
+    single = [sample(dit, a, family), sample(dit, b, family)]
+    outs = {mode: sample(dit, ensemble(dit, [a, b], mode, weights="0.3, 0.7", index=2), family)
+            for mode in MODES[:4]}
+    assert torch.equal(outs["single model"], single[1])
+    for mode in ("block-wise average", "noise average", "fixed weights"):
+        assert torch.isfinite(outs[mode]).all()
+        assert min((outs[mode] - s).abs().max() for s in single) > 1e-3, mode
+    assert (outs["block-wise average"] - outs["noise average"]).abs().max() > 1e-3
+    assert (outs["block-wise average"] - outs["fixed weights"]).abs().max() > 1e-3
+    fresh = aggregator_file(dit, tmp_path, ensemble(dit, [a, b]), 2, f"{family}_fresh.safetensors", zero=True)
+    assert torch.equal(sample(dit, ensemble(dit, [a, b], "aggregator", fresh), family), outs["block-wise average"])
+    # one-hot fixed weights reproduce that expert (text tokens stay each expert's own)
+    for k in (0, 1):
+        weights = ", ".join("1" if i == k else "0" for i in range(2))
+        got = sample(dit, ensemble(dit, [a, b], "fixed weights", weights=weights), family)
+        assert (got - single[k]).abs().max() <= 1e-5
+
+
+def test_block_patches_run_on_their_own_expert(dit):
+    """A block patch put on expert 2 before ensembling acts on expert 2's blocks only; one put on
+    the AFA MODEL afterwards on every expert's."""
+    calls = []
+
+    def patch(tag):
+        def replace(args, extra):
+            calls.append(tag)
+            out = extra["original_block"](args)
+            return {"img": out["img"] * 1.5, "txt": out["txt"]}
+        return replace
+    a, b = dit["flux"]
+    patched = b.clone()
+    patched.set_model_patch_replace(patch("expert 2"), "dit", "double_block", 0)
+    plain = sample(dit, ensemble(dit, [a, b]), "flux", steps=2)
+    model = ensemble(dit, [a, patched])
+    got = sample(dit, model, "flux", steps=2)
+    assert calls == ["expert 2"] * 2 and (got - plain).abs().max() > 1e-3   # two steps, cfg 1: one call each
+    calls.clear()
+    later = model.clone()
+    later.set_model_patch_replace(patch("afa model"), "dit", "double_block", 1)
+    sample(dit, later, "flux", steps=2)
+    assert sorted(calls) == ["afa model"] * 4 + ["expert 2"] * 2
+
+
+def test_controlnet_residuals_are_added_once(dit):
+    """FLUX ControlNet residuals on 2 copies equal the single model with the same residuals."""
+    from comfy.patcher_extension import WrappersMP
+    base = dit["flux"][0]
+    m = base.model.diffusion_model
+    g = torch.Generator().manual_seed(2)
+    x, t, c, y = torch.randn(1, 16, 6, 8, generator=g), torch.tensor([0.7]), torch.randn(1, 5, 48, generator=g), torch.randn(1, 32, generator=g)
+
+    def control():
+        return {"input": [torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)],
+                "output": [torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(9)), None]}
+    wrapper = ensemble(dit, [base, base.clone()]).wrappers[WrappersMP.DIFFUSION_MODEL]["afa"][0]
+
+    class Executor:
+        class_obj = m
+    with torch.inference_mode():
+        expected = m(x, t, c, y=y, guidance=torch.tensor([3.5]), control=control(), transformer_options={})
+        got = wrapper(Executor, x, t, c, y, torch.tensor([3.5]), None, control(), {})
+        plain = m(x, t, c, y=y, guidance=torch.tensor([3.5]), transformer_options={})
+    assert (got - expected).abs().max() <= 1e-6 and (plain - expected).abs().max() > 1e-3
+
+
+def test_bad_inputs_raise_typed_errors(dit, tmp_path, sdxl_checkpoints):
+    import comfy.sd as comfy_sd
+    from afa_nodes.core.errors import AggregatorMismatchError, IncompatibleModelsError
+    flux_agg = aggregator_file(dit, tmp_path, ensemble(dit, dit["flux"]), 2, "flux_two.safetensors")
+    with pytest.raises(AggregatorMismatchError, match="trained for flux models, this ensemble is of mmdit"):
+        ensemble(dit, dit["sd3"], "aggregator", flux_agg)
+    deeper = [dit["models"].flux_patcher(s, depth=3) for s in (1, 2)]
+    with pytest.raises(AggregatorMismatchError, match="another architecture .*points"):
+        ensemble(dit, deeper, "aggregator", flux_agg)
+    sdxl = comfy_sd.load_checkpoint_guess_config(str(sdxl_checkpoints[0]))[0]
+    with pytest.raises(IncompatibleModelsError, match="'model 2' is an LDM UNet .* but 'model 1' is a FLUX model"):
+        ensemble(dit, [dit["flux"][0], sdxl])
+    with pytest.raises(IncompatibleModelsError, match="'model 2' is an MMDiT .* but 'model 1' is a FLUX model"):
+        ensemble(dit, [dit["flux"][0], dit["sd3"][0]])
+    with pytest.raises(IncompatibleModelsError, match="double blocks|points"):
+        ensemble(dit, [dit["flux"][0], deeper[0]])
+    schnell = dit["models"].flux_patcher(1, schnell=True)
+    with pytest.raises(IncompatibleModelsError, match="guidance|prediction"):
+        ensemble(dit, [dit["flux"][0], schnell])
