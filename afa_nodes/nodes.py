@@ -5,6 +5,12 @@ otherwise calls comfy_entrypoint(), so the pack defines no NODE_CLASS_MAPPINGS a
 node (nodes_ensemble, nodes_maps, nodes_train) is a V3 `io.ComfyNode` listed by
 `AFAExtension.get_node_list`.
 
+The node modules import ComfyUI's API as `comfy_api.v0_0_2`: the newest versioned API that
+both v0.3.64 and v0.8.0 ship. ComfyUI keeps versioned modules for extensions written against
+them, while `comfy_api.latest` is the moving target; today v0_0_2's `io`/`ui` are latest's
+objects in both versions, and what only newer ComfyUIs have (io.Autogrow) is detected with
+hasattr, with a fallback (nodes_ensemble).
+
 Importing this module does nothing but define things. The work of starting the pack (the
 models/afa folder, the maps viewer's HTTP route, the prompt handler that accepts both
 growing-input naming styles) is `AFAExtension.on_load`. ComfyUI v0.3.64 to v0.8.0 define

@@ -20,7 +20,7 @@ from .service import models as service_models
 
 CATEGORY = "AFA"
 NONE = service_models.NONE
-AUTOGROW = hasattr(io, "Autogrow")   # ComfyUI >= 0.4 (v0.3.64 has no working Autogrow)
+AUTOGROW = hasattr(io, "Autogrow")   # v0.8.0 has it; v0.3.64 does not (only an unfinished AutogrowDynamic)
 Aggregator = io.Custom("AFA_AGGREGATOR")
 SLOTS = range(1, MAX_MODELS + 1)
 # node id -> (Autogrow input id, slot name prefix): the growing inputs of this module

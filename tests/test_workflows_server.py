@@ -467,8 +467,13 @@ def test_frontend_loads_workflows_and_agrees_with_converter(server, object_info)
                 " await new Promise(r => setTimeout(r, 300));"
                 " const p = await app.graphToPrompt();"
                 " return JSON.stringify({out: p.output, n: app.graph.nodes.length,"
-                "  types: app.graph.nodes.map(n => n.type)}); })()"))
+                "  types: app.graph.nodes.map(n => n.type),"
+                "  afa: app.graph.nodes.filter(n => n.type.startsWith('AFA'))"
+                "   .map(n => [n.type, (n.inputs || []).map(i => i.name)])}); })()"))
             assert res["n"] == len(wf["nodes"]), f"{path.name}: the frontend dropped nodes"
             assert known(res["out"]) == known(to_api(wf, object_info, path.name)), path.name
+            for cls, sockets in res["afa"]:  # no stray sockets of an older naming (web/afa_slots.js)
+                declared = {n for n, _, _ in input_specs(object_info[cls])}
+                assert set(sockets) <= declared, f"{path.name}: {cls} shows {sorted(set(sockets) - declared)}"
     finally:
         b.close()
