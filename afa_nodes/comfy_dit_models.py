@@ -7,6 +7,10 @@ demos. Random seeded weights: what they draw is noise, but every block is ComfyU
 * SD3: detection reads every width from the weights, so a tiny SD3 is a state dict in the real
   key layout (`sd3_state_dict`) that `comfy.sd.load_diffusion_model_state_dict` (what the
   "Load Diffusion Model" node uses) detects as SD3 (`sd3_patcher`, `save_sd3`).
+* `ensure_sd3_demo_files(...)`: what an SD3 workflow needs, in the folders the stock loaders
+  read: two tiny SD3 diffusion models (diffusion_models/), a CLIP-L text encoder taken from an
+  SD1.5 demo checkpoint (text_encoders/, "Load CLIP" type sd3 pads it to SD3's 4096-wide
+  context and 2048-wide pooled vector) and a 16-channel TAESD as the VAE (vae/).
 * `finetuned(...)`: a copy of a model with every weight moved by a relative amount, as a
   stand-in for a fine-tune of one base model.
 
@@ -101,15 +105,54 @@ def sd3_patcher(seed: int, dtype=torch.float32, **overrides):
 
 def save_sd3(path, seed: int, dtype=torch.float16, **overrides):
     """Write a tiny SD3 diffusion model file (for models/diffusion_models, "Load Diffusion Model")."""
+    _save(sd3_state_dict(seed, dtype, **overrides), path, f"tiny SD3 (seed {seed})")
+    return path
+
+
+SD3_DEMO_FILES = {"diffusion_models": ["afa_demo_sd3_tiny_1.safetensors", "afa_demo_sd3_tiny_2.safetensors"],
+                  "text_encoders": ["afa_demo_clip_l.safetensors"], "vae": ["afa_demo_taesd3.safetensors"]}
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+def _save(tensors: dict, path, title: str):
     import safetensors.torch
 
     from .core.files import atomic_write
 
-    tensors = {k: v.contiguous() for k, v in sd3_state_dict(seed, dtype, **overrides).items()}
-    meta = {"afa.synthetic": "true", "afa.kind": "sd3-tiny", "afa.seed": str(int(seed)),
-            "modelspec.title": f"ComfyUI-AFA tiny SD3 (seed {seed}); random weights, not a real model"}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta = {"afa.synthetic": "true", "modelspec.title": f"ComfyUI-AFA {title}; random weights, not a real model"}
     atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
-    return path
+
+
+def ensure_sd3_demo_files(folder, sd15_checkpoint) -> dict:
+    """Build (once) the SD3 demo files under folder/<kind>/; -> {kind: [paths]}.
+    `sd15_checkpoint`: an SD1.5 checkpoint whose CLIP-L becomes the text encoder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    out = {kind: [folder / kind / name for name in names] for kind, names in SD3_DEMO_FILES.items()}
+    for kind in out:
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+    for seed, path in enumerate(out["diffusion_models"], start=1):
+        if not path.is_file():
+            save_sd3(path, seed)
+    clip = out["text_encoders"][0]
+    if not clip.is_file():
+        from safetensors import safe_open
+        with safe_open(str(sd15_checkpoint), "pt") as f:
+            tensors = {k[len(CLIP_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(CLIP_PREFIX)}
+        if not tensors:
+            raise RuntimeError(f"{sd15_checkpoint} holds no CLIP-L ({CLIP_PREFIX}*)")
+        _save(tensors, clip, "CLIP-L of an SD1.5 demo checkpoint")
+    vae = out["vae"][0]
+    if not vae.is_file():
+        import comfy.taesd.taesd
+        with torch.device("meta"):
+            taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+        tensors = _fill(taesd, 3)
+        tensors.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
+        _save({k: v.half() for k, v in tensors.items()}, vae, "16-channel TAESD (SD3 latents)")
+    return out
 
 
 def finetuned(patcher, seed: int, amount: float = 0.2):
