@@ -72,3 +72,18 @@ def test_real_sizes_stay_within_five_percent_at_1024px():
     assert flux["share_of_one_expert"] < 0.05 and large["share_of_one_expert"] < 0.05
     # SD3.5 medium is small next to its 4096-token grid: the paper's depth 2 exceeds 5%, depth 1 fits
     assert medium["share_of_one_expert"] > 0.05 > medium_shallow["share_of_one_expert"]
+
+
+@pytest.mark.comfyui
+def test_the_dit_benchmark_runs(comfy, one_thread):
+    """benchmarks/dit_cost.py end to end at its smallest (the numbers in BENCHMARKS.md come from it)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import dit_cost
+    computed, measured, _ = dit_cost.main(["--only", "computed", "measured", "--repeats", "1", "--size", "64"])
+    assert {r["model"] for r in computed} == set(REAL_MODELS)
+    variants = {(r["family"], r["variant"]) for r in measured}
+    assert variants == {(f, v) for f in ("flux", "sd3") for v in ("N single steps", "block-wise average", "SABW")}
+    sabw = [r for r in measured if r["variant"] == "SABW"]
+    assert all(0 < r["share"] < 1 and 0 < r["flop_share"] < 1 for r in sabw)
