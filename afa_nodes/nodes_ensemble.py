@@ -15,7 +15,6 @@ from comfy_api.v0_0_2 import io
 
 from .core.errors import AFAError
 from .core.spec import MAX_MODELS, MIN_MODELS, MODE_HELP, MODE_NAMES, WEIGHTS_HELP, EnsembleSpec, Mode
-from .per_model_clip import PerModelCLIP
 from .service import models as service_models
 
 CATEGORY = "AFA"
@@ -180,7 +179,7 @@ class AFACLIPMerge(io.ComfyNode):
         if len(given) < MIN_MODELS:
             raise AFAError(f"AFA CLIP Merge needs {MIN_MODELS} to {MAX_MODELS} CLIPs, got {len(given)}: "
                            "connect each model's CLIP, in the order of AFA Ensemble's models.")
-        return io.NodeOutput(PerModelCLIP.from_clips([c for _, c in given]))
+        return io.NodeOutput(service_models.merge_clips([c for _, c in given]))
 
 
 class AFALoadAggregator(io.ComfyNode):

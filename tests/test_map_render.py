@@ -4,9 +4,11 @@ from PIL import ImageFont
 
 from afa_nodes.core import map_render as mr
 from afa_nodes.core.errors import AFAError
+from afa_nodes.core.image_file import to_pil
 from afa_nodes.core.map_render import (
-    PALETTE, RecordedMaps, chart_layout, grid_layout, legend_height, render_dominant,
-    render_grid, render_mean_chart, render_overlay, summary, to_pil, uniform_level)
+    PALETTE, chart_layout, grid_layout, legend_height, render_dominant,
+    render_grid, render_mean_chart, render_overlay, summary, uniform_level)
+from afa_nodes.core.recorded_maps import RecordedMaps
 
 
 def const_maps(names, values, steps=(0, 5, 10), points=("input 4", "middle"), hw=(8, 8), b=1,
@@ -227,7 +229,8 @@ def test_bitmap_font_fallback(monkeypatch):
 
 
 def test_equal_weights_are_drawn_as_ties_not_as_model_1():
-    from afa_nodes.core.map_render import TIE_COLOUR, RecordedMaps, render_dominant
+    from afa_nodes.core.map_render import TIE_COLOUR, render_dominant
+    from afa_nodes.core.recorded_maps import RecordedMaps
     maps = RecordedMaps(model_names=["a", "b"])
     w = torch.full((1, 2, 8, 8), 0.5)
     w[0, 0, :, :4], w[0, 1, :, :4] = 0.9, 0.1  # left half: model a wins clearly

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from afa_nodes import logger
 from afa_nodes.core.errors import AFAError
-from afa_nodes.core.image_file import to_image, to_pil  # noqa: F401  (IMAGE <-> PIL)
+from afa_nodes.core.image_file import to_image
 from afa_nodes.core.recorded_maps import RecordedMaps
 
 MARGIN, GAP, TITLE_H, HEADER_H, ROW_LABEL_W, COLORBAR_H = 8, 6, 24, 34, 72, 30

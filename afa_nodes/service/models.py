@@ -113,7 +113,13 @@ def load_checkpoints(names) -> list:
 def per_model_clip(checkpoints: list):
     """Each model's own text encoder behind one CLIP; model 1's when some file has no CLIP."""
     clips = [c.clip for c in checkpoints]
-    return PerModelCLIP.from_clips(clips) if all(c is not None for c in clips) else clips[0]
+    return merge_clips(clips) if all(c is not None for c in clips) else clips[0]
+
+
+def merge_clips(clips: list):
+    """2-6 CLIPs (in the order of the ensemble's models) -> one CLIP encoding with each of them."""
+    check_model_count(len(clips), "merging text encoders")
+    return PerModelCLIP.from_clips(clips)
 
 
 @dataclass

@@ -9,64 +9,24 @@ with the back end's AFAError message; the app keeps serving.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from pathlib import Path
 
 import gradio as gr
-import torch
 
-from .. import logger
 from ..core.errors import AFAError
-from ..core.map_render import to_pil
-from ..nodes_train import render_loss_curve
+from ..core.spec import Mode
 from . import catalog
 from .generation import GenerateRequest
 from .state import Studio
-from .training import TrainSnapshot, option_specs, validation_rows
+from .train_tab import train_tab, train_values, wire_train
+from .training import validation_rows
+from .ui import JOB_GROUP, TITLE, user_errors, waiting_requests
 
-JOB_GROUP = "afa_job"          # gradio concurrency id of everything that takes the JobBoard
 POLL_SECONDS = 1.0
-TITLE = "AFA Studio"
 CSS = """
 #afa-status {padding: 6px 12px; border-radius: 6px; background: var(--block-background-fill);}
 #afa-status p {margin: 0;}
 """
-MAIN_OPTIONS = ("dataset_folder", "save_name", "steps", "batch_size", "learning_rate", "resolution", "resume",
-                "save_every")   # the Train tab shows the node's other options under "more training options"
-VALIDATION_HEADERS = ["model / ensemble", "eps-MSE", "best"]
-
-
-# ---------------------------------------------------------------- helpers
-def user_errors(fn):
-    """AFAError -> gr.Error with its message (shown in the UI, no traceback); anything else is
-    logged with its traceback and shown briefly. The app keeps serving either way."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except AFAError as e:
-            logger.info("AFA Studio refused a request: %s", e)
-            raise gr.Error(str(e), title=TITLE, print_exception=False) from None
-        except Exception as e:  # noqa: BLE001 - the UI must say something; the log has the traceback
-            logger.exception("AFA Studio: %s failed", fn.__name__)
-            raise gr.Error(f"{type(e).__name__}: {e} (the traceback is in the studio's log)", title=TITLE,
-                           print_exception=False) from None
-    return wrapper
-
-
-def waiting_requests(demo: gr.Blocks) -> int:
-    """Requests in gradio's queue for the job group (0 when gradio's internals differ)."""
-    try:
-        return len(demo._queue.event_queue_per_concurrency_id[JOB_GROUP].queue)
-    except (AttributeError, KeyError):
-        return 0
-
-
-def _label(name: str) -> str:
-    return name.replace("_", " ")
 
 
 def _default_point(points: list) -> int:
@@ -85,12 +45,12 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Tab("Generate", id="generate"):
                 gen = _generate_tab(studio)
             with gr.Tab("Train", id="train"):
-                train = _train_tab()
+                train = train_tab()
             with gr.Tab("Maps", id="maps"):
                 maps = _maps_tab()
         _wire_generate(studio, gen, maps, maps_state)
         _wire_maps(maps, maps_state)
-        _wire_train(studio, train)
+        wire_train(studio, train)
         _wire_poll(demo, studio, status, seen, gen, train)
 
         def status_api() -> dict:
@@ -110,14 +70,14 @@ def _generate_tab(studio: Studio) -> dict:
                                                elem_id="afa-gen-checkpoints", scale=5)
                 c["refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="afa-refresh")
             with gr.Row():
-                c["mode"] = gr.Dropdown(catalog.MODES, value="block-wise average", label="mode",
+                c["mode"] = gr.Dropdown(catalog.MODES, value=Mode.BLOCK_AVERAGE.value, label="mode",
                                         info="'aggregator' needs a trained aggregator; the others need no training.",
                                         elem_id="afa-gen-mode")
                 c["aggregator"] = gr.Dropdown(catalog.aggregators(), value=catalog.NONE, allow_custom_value=True,
                                               label="aggregator (models/afa)", elem_id="afa-gen-aggregator")
             with gr.Row():
-                c["weights"] = gr.Textbox("", label="weights (fixed weights)", placeholder="0.6, 0.4", visible=False)
-                c["model_index"] = gr.Number(1, precision=0, minimum=1, maximum=6, label="model index (single model)",
+                c["weights"] = gr.Textbox("", label=f"weights ({Mode.FIXED_WEIGHTS})", placeholder="0.6, 0.4", visible=False)
+                c["model_index"] = gr.Number(1, precision=0, minimum=1, maximum=6, label=f"model index ({Mode.SINGLE_MODEL})",
                                              visible=False)
             c["prompt"] = gr.Textbox("a watercolor painting of a lighthouse at dawn", lines=2, label="prompt")
             c["negative"] = gr.Textbox("", lines=1, label="negative prompt")
@@ -145,73 +105,6 @@ def _generate_tab(studio: Studio) -> dict:
                                       object_fit="contain", elem_id="afa-gallery")
             c["result"] = gr.Markdown("", elem_id="afa-gen-result")
     return c
-
-
-def _train_tab() -> dict:
-    c = {"options": {}}
-    specs = option_specs()
-    with gr.Row():
-        with gr.Column(scale=2, min_width=320):
-            c["checkpoints"] = gr.Dropdown(catalog.checkpoints(), value=[], multiselect=True, max_choices=6,
-                                           allow_custom_value=True, label="checkpoints to ensemble (2-6)",
-                                           elem_id="afa-train-checkpoints")
-            main = [n for n in specs if n in MAIN_OPTIONS]
-            more = [n for n in specs if n not in MAIN_OPTIONS]
-            _option_rows(c["options"], specs, main)
-            with gr.Accordion("more training options", open=False):
-                _option_rows(c["options"], specs, more)
-        with gr.Column(scale=3):
-            with gr.Row():
-                c["start"] = gr.Button("Start", variant="primary", elem_id="afa-train-start")
-                c["stop"] = gr.Button("Stop", variant="stop", elem_id="afa-train-stop")
-            c["progress"] = gr.Markdown("No training has run in this studio yet.", elem_id="afa-train-progress")
-            c["curve"] = gr.Image(label="loss (train: line, validation: dots)", type="pil", format="png",
-                                  interactive=False, elem_id="afa-train-curve")
-            c["table"] = gr.Dataframe(headers=VALIDATION_HEADERS, value=[], interactive=False,
-                                      label="validation on held-out images (lower is better): each model alone, "
-                                            "the uniform ensemble, the trained aggregator",
-                                      column_widths=["65%", "20%", "15%"], elem_id="afa-train-table")
-            c["report"] = gr.Textbox(label="report", lines=6, interactive=False)
-    return c
-
-
-def _option_rows(widgets: dict, specs: dict, names: list, per_row: int = 2):
-    """The node's options as widgets, `per_row` to a row (the two path options get a row each)."""
-    pending = []
-    for name in names + [None]:
-        if name in (None, "dataset_folder", "save_name") or len(pending) == per_row:
-            if pending:
-                with gr.Row():
-                    for n in pending:
-                        widgets[n] = _option_widget(n, *specs[n])
-            pending = []
-        if name in ("dataset_folder", "save_name"):
-            widgets[name] = _option_widget(name, *specs[name])
-        elif name is not None:
-            pending.append(name)
-
-
-def _option_widget(name: str, kind, opts: dict):
-    label, info, default = _label(name), opts.get("tooltip"), opts.get("default")
-    elem_id = f"afa-train-{name.replace('_', '-')}"
-    if name == "dataset_folder":
-        folders = catalog.dataset_folders()
-        return gr.Dropdown(folders, value=default if default in folders else (folders[0] if folders else None),
-                           allow_custom_value=True, label="dataset folder (inside ComfyUI's input directory)",
-                           info=info, elem_id=elem_id)
-    if name == "gradient_checkpointing" and not torch.cuda.is_available():
-        default = False  # the node's tooltip: turn it off on CPU
-    if isinstance(kind, (list, tuple)):
-        return gr.Dropdown(list(kind), value=default, label=label, info=info, elem_id=elem_id)
-    if kind == "BOOLEAN":
-        return gr.Checkbox(default, label=label, info=info, elem_id=elem_id)
-    if kind == "INT":
-        return gr.Number(default, precision=0, minimum=opts.get("min"), maximum=opts.get("max"), label=label,
-                         info=info, elem_id=elem_id)
-    if kind == "FLOAT":
-        return gr.Number(default, minimum=opts.get("min"), maximum=opts.get("max"), step=opts.get("step", 0.01),
-                         label=label, info=info, elem_id=elem_id)
-    return gr.Textbox(default, label=label, info=info, elem_id=elem_id)
 
 
 def _maps_tab() -> dict:
@@ -287,7 +180,7 @@ def _wire_generate(studio: Studio, gen: dict, maps: dict, maps_state):
                      api_description="Generate with the ensemble and each base model (same seed).")
 
     def mode_changed(mode):
-        return gr.Textbox(visible=mode == "fixed weights"), gr.Number(visible=mode == "single model")
+        return gr.Textbox(visible=mode == Mode.FIXED_WEIGHTS), gr.Number(visible=mode == Mode.SINGLE_MODEL)
     gen["mode"].change(mode_changed, gen["mode"], [gen["weights"], gen["model_index"]], api_visibility="private",
                        queue=False, show_progress="hidden")
 
@@ -311,30 +204,6 @@ def _wire_maps(maps: dict, maps_state):
                       trigger_mode="always_last")
 
 
-# ---------------------------------------------------------------- train
-def _wire_train(studio: Studio, train: dict):
-    names = list(train["options"])
-
-    @user_errors
-    def start(checkpoints, *values):
-        run = studio.start_training(list(checkpoints or []), dict(zip(names, values, strict=True)))
-        return f"Started: {run.label()}. Progress appears here every second."
-    start.__signature__ = inspect.Signature(  # named API parameters: checkpoints + the node's options
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["checkpoints"] + names])
-
-    def stop():
-        message = studio.stop_training()
-        if not message.startswith("Stopping"):
-            gr.Warning(message, title=TITLE)
-        return message
-
-    train["start"].click(start, [train["checkpoints"]] + [train["options"][n] for n in names], train["progress"],
-                         api_name="train_start", concurrency_id=JOB_GROUP, concurrency_limit=1,
-                         api_description="Start training an aggregator (returns at once; poll /status).")
-    train["stop"].click(stop, None, train["progress"], api_name="train_stop", concurrency_limit=None,
-                        api_description="Stop the training run; it saves a resumable file.")
-
-
 # ---------------------------------------------------------------- poll (status bar, training, lists)
 def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: dict):
     lists = [gen["checkpoints"], gen["aggregator"], train["checkpoints"], train["options"]["dataset_folder"]]
@@ -349,7 +218,7 @@ def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: 
             out += [gr.skip()] * len(train_outputs)
         else:
             last["train"] = (snap.version, snap.state)
-            out += _train_values(snap)
+            out += train_values(snap)
         for i, values in enumerate(_list_choices()):
             if last.get(f"list{i}") == values:
                 out.append(gr.skip())
@@ -374,19 +243,6 @@ def _list_choices() -> list:
     """Choices of the lists the poll keeps fresh, in the order of `_wire_poll`'s `lists`."""
     checkpoints = catalog.checkpoints()
     return [checkpoints, catalog.aggregators(), checkpoints, catalog.dataset_folders()]
-
-
-def _train_values(snap: TrainSnapshot) -> list:
-    if snap.state == "idle":
-        return [snap.message, None, [], ""]
-    head = {"starting": "Starting", "running": "Training", "stopping": "Stopping", "finished": "Finished",
-            "stopped": "Stopped", "failed": "Failed"}[snap.state]
-    name = Path(snap.out_path).name if snap.out_path else ""
-    text = f"**{head}** `{name}`: {snap.progress_text()}"
-    if snap.state in ("finished", "stopped", "failed", "starting"):
-        text += f"\n\n{snap.message}" if snap.message not in text else ""
-    curve = to_pil(render_loss_curve(snap.history, snap.val_history, f"{name}: step {snap.step}/{snap.total}"))
-    return [text, curve, validation_rows(snap.validation), snap.report]
 
 
 def _status_api(demo: gr.Blocks, studio: Studio) -> dict:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..core import map_render
 from ..core.errors import AFAError
+from ..core.image_file import to_pil
 from ..core.map_recorder import MapRun
 
 CELL = 160          # per-model map size in the grid row
@@ -73,7 +74,7 @@ class MapsView:
         caption = (f"point {point} ({point_index + 1}/{len(self.points)}), step {step} "
                    f"({self.steps.index(step) + 1}/{len(self.steps)} recorded"
                    + (f", sigma {sigma:.3g}" if sigma is not None else "") + f"), {branch}, image {batch_index + 1}")
-        return MapsFigures(*(map_render.to_pil(x) for x in (per_model, dominant, overlay, chart)), caption)
+        return MapsFigures(*(to_pil(x) for x in (per_model, dominant, overlay, chart)), caption)
 
 
 def _index(value, count: int, what: str) -> int:

@@ -1,0 +1,121 @@
+"""The Train tab: the training options (generated from the training config), Start / Stop, and
+what a run shows (progress, loss curve, validation table, report)."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from ..core.image_file import to_pil
+from ..service.training import render_loss_curve
+from . import catalog
+from .state import Studio
+from .training import TrainSnapshot, option_specs, validation_rows
+from .ui import JOB_GROUP, TITLE, label, user_errors
+
+VALIDATION_HEADERS = ["model / ensemble", "eps-MSE", "best"]
+
+
+def train_tab() -> dict:
+    c = {"options": {}}
+    specs = option_specs()
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            c["checkpoints"] = gr.Dropdown(catalog.checkpoints(), value=[], multiselect=True, max_choices=6,
+                                           allow_custom_value=True, label="checkpoints to ensemble (2-6)",
+                                           elem_id="afa-train-checkpoints")
+            main = [n for n in specs if not specs[n][1].get("advanced")]   # the others: "more training options"
+            more = [n for n in specs if specs[n][1].get("advanced")]
+            _option_rows(c["options"], specs, main)
+            with gr.Accordion("more training options", open=False):
+                _option_rows(c["options"], specs, more)
+        with gr.Column(scale=3):
+            with gr.Row():
+                c["start"] = gr.Button("Start", variant="primary", elem_id="afa-train-start")
+                c["stop"] = gr.Button("Stop", variant="stop", elem_id="afa-train-stop")
+            c["progress"] = gr.Markdown("No training has run in this studio yet.", elem_id="afa-train-progress")
+            c["curve"] = gr.Image(label="loss (train: line, validation: dots)", type="pil", format="png",
+                                  interactive=False, elem_id="afa-train-curve")
+            c["table"] = gr.Dataframe(headers=VALIDATION_HEADERS, value=[], interactive=False,
+                                      label="validation on held-out images (lower is better): each model alone, "
+                                            "the uniform ensemble, the trained aggregator",
+                                      column_widths=["65%", "20%", "15%"], elem_id="afa-train-table")
+            c["report"] = gr.Textbox(label="report", lines=6, interactive=False)
+    return c
+
+
+def _option_rows(widgets: dict, specs: dict, names: list, per_row: int = 2):
+    """The node's options as widgets, `per_row` to a row (the two path options get a row each)."""
+    pending = []
+    for name in names + [None]:
+        if name in (None, "dataset_folder", "save_name") or len(pending) == per_row:
+            if pending:
+                with gr.Row():
+                    for n in pending:
+                        widgets[n] = _option_widget(n, *specs[n])
+            pending = []
+        if name in ("dataset_folder", "save_name"):
+            widgets[name] = _option_widget(name, *specs[name])
+        elif name is not None:
+            pending.append(name)
+
+
+def _option_widget(name: str, kind, opts: dict):
+    label_text, info, default = label(name), opts.get("tooltip"), opts.get("default")
+    elem_id = f"afa-train-{name.replace('_', '-')}"
+    if name == "dataset_folder":
+        folders = catalog.dataset_folders()
+        return gr.Dropdown(folders, value=default if default in folders else (folders[0] if folders else None),
+                           allow_custom_value=True, label="dataset folder (inside ComfyUI's input directory)",
+                           info=info, elem_id=elem_id)
+    if name == "gradient_checkpointing" and not torch.cuda.is_available():
+        default = False  # the node's tooltip: turn it off on CPU
+    if isinstance(kind, (list, tuple)):
+        return gr.Dropdown(list(kind), value=default, label=label_text, info=info, elem_id=elem_id)
+    if kind == "BOOLEAN":
+        return gr.Checkbox(default, label=label_text, info=info, elem_id=elem_id)
+    if kind == "INT":
+        return gr.Number(default, precision=0, minimum=opts.get("min"), maximum=opts.get("max"), label=label_text,
+                         info=info, elem_id=elem_id)
+    if kind == "FLOAT":
+        return gr.Number(default, minimum=opts.get("min"), maximum=opts.get("max"), step=opts.get("step", 0.01),
+                         label=label_text, info=info, elem_id=elem_id)
+    return gr.Textbox(default, label=label_text, info=info, elem_id=elem_id)
+
+
+def wire_train(studio: Studio, train: dict):
+    names = list(train["options"])
+
+    @user_errors
+    def start(checkpoints, *values):
+        run = studio.start_training(list(checkpoints or []), dict(zip(names, values, strict=True)))
+        return f"Started: {run.label()}. Progress appears here every second."
+    start.__signature__ = inspect.Signature(  # named API parameters: checkpoints + the node's options
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["checkpoints"] + names])
+
+    def stop():
+        message = studio.stop_training()
+        if not message.startswith("Stopping"):
+            gr.Warning(message, title=TITLE)
+        return message
+
+    train["start"].click(start, [train["checkpoints"]] + [train["options"][n] for n in names], train["progress"],
+                         api_name="train_start", concurrency_id=JOB_GROUP, concurrency_limit=1,
+                         api_description="Start training an aggregator (returns at once; poll /status).")
+    train["stop"].click(stop, None, train["progress"], api_name="train_stop", concurrency_limit=None,
+                        api_description="Stop the training run; it saves a resumable file.")
+
+
+def train_values(snap: TrainSnapshot) -> list:
+    if snap.state == "idle":
+        return [snap.message, None, [], ""]
+    head = {"starting": "Starting", "running": "Training", "stopping": "Stopping", "finished": "Finished",
+            "stopped": "Stopped", "failed": "Failed"}[snap.state]
+    name = Path(snap.out_path).name if snap.out_path else ""
+    text = f"**{head}** `{name}`: {snap.progress_text()}"
+    if snap.state in ("finished", "stopped", "failed", "starting"):
+        text += f"\n\n{snap.message}" if snap.message not in text else ""
+    curve = to_pil(render_loss_curve(snap.history, snap.val_history, f"{name}: step {snap.step}/{snap.total}"))
+    return [text, curve, validation_rows(snap.validation), snap.report]
