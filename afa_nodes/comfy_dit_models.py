@@ -3,7 +3,8 @@ demos. Random seeded weights: what they draw is noise, but every block is ComfyU
 
 * FLUX: ComfyUI's detection fixes FLUX's width at 3072 (24 heads, rotary axes 16/56/56), so a
   tiny FLUX is built directly from `comfy.supported_models.Flux` / `FluxSchnell` and
-  `model_base.Flux` with a small `unet_config` (`flux_patcher`).
+  `model_base.Flux` with a small `unet_config` (`flux_patcher`); Chroma likewise
+  (`chroma_patcher`; detection fixes its approximator at 5 x 5120).
 * SD3: detection reads every width from the weights, so a tiny SD3 is a state dict in the real
   key layout (`sd3_state_dict`) that `comfy.sd.load_diffusion_model_state_dict` (what the
   "Load Diffusion Model" node uses) detects as SD3 (`sd3_patcher`, `save_sd3`).
@@ -24,6 +25,9 @@ import torch
 TINY_FLUX = dict(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=64,
                  mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12],
                  theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+TINY_CHROMA = dict(in_channels=64, out_channels=64, context_in_dim=48, hidden_size=64, mlp_ratio=4.0, num_heads=2,
+                   depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
+                   in_dim=64, out_dim=64, hidden_dim=96, n_layers=2, txt_ids_dims=[], vec_in_dim=None)
 # detected as SD3: width = 64 * depth; context / pooled widths as CLIP-L fed through ComfyUI's
 # SD3 text encoder gives them (77 x 4096 tokens, 2048 pooled)
 TINY_SD3 = dict(depth=2, in_channels=16, patch_size=2, context_dim=4096, adm_dim=2048, pos_embed_max_size=16)
@@ -65,6 +69,21 @@ def flux_patcher(seed: int, schnell: bool = False, dtype=torch.float32, **overri
     config["image_model"] = "flux"
     config["guidance_embed"] = not schnell
     model_config = (comfy.supported_models.FluxSchnell if schnell else comfy.supported_models.Flux)(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(_fill(model.diffusion_model, seed))
+    return _patcher(model.eval())
+
+
+def chroma_patcher(seed: int, dtype=torch.float32, **overrides):
+    """A tiny Chroma (FLUX blocks, modulation from its approximator) as a ModelPatcher."""
+    import comfy.supported_models
+    from comfy.ldm.chroma.model import ChromaParams
+
+    known = {f.name for f in dataclasses.fields(ChromaParams)}
+    config = {k: v for k, v in {**TINY_CHROMA, **overrides}.items() if k in known}
+    config["image_model"] = "chroma"
+    model_config = comfy.supported_models.Chroma(config)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     model.diffusion_model.load_state_dict(_fill(model.diffusion_model, seed))

@@ -1,5 +1,6 @@
-"""ComfyUI's FLUX model (`comfy.ldm.flux.model.Flux`) as a `core.flux.FluxExpert`, and its
-ControlNet hooks (residuals added once per block to the mixed image tokens).
+"""ComfyUI's FLUX model (`comfy.ldm.flux.model.Flux`) and Chroma (`comfy.ldm.chroma.model.Chroma`)
+as `core.flux.FluxExpert`s, and their ControlNet hooks (residuals added once per block to the
+mixed image tokens).
 
 Each expert prepares its input exactly as its own `_forward` does (patches, position ids,
 FLUX Kontext reference latents: the model's own `_forward` runs with `forward_orig`
@@ -87,6 +88,15 @@ class ComfyFluxExpert:
         self.pe = m.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)) if img_ids is not None else None
         return FluxEmbedded(img=img, txt=txt, temb=vec, grid=self.grid)
 
+    def double_vec(self, index):
+        return self.vec_double
+
+    def single_vec(self, index):
+        return self.vec_single
+
+    def final_vec(self):
+        return self.vec_orig
+
     def _options(self, kind, index, total):
         self.options.update(block_index=index, total_blocks=total, block_type=kind)
         return self.options
@@ -95,9 +105,9 @@ class ComfyFluxExpert:
         block = self.model.double_blocks[index]
         options = self._options("double", index, len(self.model.double_blocks))
         patch = self.blocks_replace.get(("double_block", index))
+        vec = self.double_vec(index)
         if patch is None:
-            return block(img=img, txt=txt, vec=self.vec_double, pe=self.pe, attn_mask=self.attn_mask,
-                         transformer_options=options)
+            return block(img=img, txt=txt, vec=vec, pe=self.pe, attn_mask=self.attn_mask, transformer_options=options)
 
         def original(args):
             out = {}
@@ -105,7 +115,7 @@ class ComfyFluxExpert:
                                            attn_mask=args.get("attn_mask"),
                                            transformer_options=args.get("transformer_options"))
             return out
-        out = patch({"img": img, "txt": txt, "vec": self.vec_double, "pe": self.pe, "attn_mask": self.attn_mask,
+        out = patch({"img": img, "txt": txt, "vec": vec, "pe": self.pe, "attn_mask": self.attn_mask,
                      "transformer_options": options}, {"original_block": original})
         return out["img"], out["txt"]
 
@@ -113,22 +123,54 @@ class ComfyFluxExpert:
         block = self.model.single_blocks[index]
         options = self._options("single", index, len(self.model.single_blocks))
         patch = self.blocks_replace.get(("single_block", index))
+        vec = self.single_vec(index)
         if patch is None:
-            return block(seq, vec=self.vec_single, pe=self.pe, attn_mask=self.attn_mask, transformer_options=options)
+            return block(seq, vec=vec, pe=self.pe, attn_mask=self.attn_mask, transformer_options=options)
 
         def original(args):
             return {"img": block(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
                                  transformer_options=args.get("transformer_options"))}
-        return patch({"img": seq, "vec": self.vec_single, "pe": self.pe, "attn_mask": self.attn_mask,
+        return patch({"img": seq, "vec": vec, "pe": self.pe, "attn_mask": self.attn_mask,
                       "transformer_options": options}, {"original_block": original})["img"]
 
     def head(self, img):
-        return self.model.final_layer(img, self.vec_orig)
+        return self.model.final_layer(img, self.final_vec())
 
     def unpatchify(self, tokens):
         p, (h, w) = self.model.patch_size, (self.grid.height, self.grid.width)
         out = rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=p, pw=p)
         return out[:, :, :self.shape[-2], :self.shape[-1]]
+
+
+class ComfyChromaExpert(ComfyFluxExpert):
+    """Chroma: every block's modulation comes from the approximator (`distilled_guidance_layer`)
+    fed with timestep, guidance and the modulation index, as Chroma.forward_orig computes it."""
+    MOD_INDEX_LENGTH = 344   # Chroma.forward_orig's fixed modulation table length
+
+    def embed(self) -> FluxEmbedded:
+        m, a = self.model, forward_orig_inputs(self.model, self.x, self.timesteps, self.context, None,
+                                               self.guidance, None, self.options, self.kwargs)
+        img, txt, self.attn_mask = m.img_in(a["img"]), a["txt"], a.get("attn_mask")
+        dtype, device, n = img.dtype, img.device, self.MOD_INDEX_LENGTH
+        distill_timestep = timestep_embedding(a["timesteps"].detach().clone(), 16).to(device, dtype)
+        distil_guidance = timestep_embedding(a["guidance"].detach().clone(), 16).to(device, dtype)
+        index = timestep_embedding(torch.arange(n, device=device), 32).to(device, dtype)
+        index = index.unsqueeze(0).repeat(img.shape[0], 1, 1).to(device, dtype)
+        time_guidance = torch.cat([distill_timestep, distil_guidance], dim=1).unsqueeze(1).repeat(1, n, 1).to(dtype)
+        self.mod_vectors = m.distilled_guidance_layer(torch.cat([time_guidance, index], dim=-1).to(device, dtype))
+        txt = m.txt_in(txt)
+        self.pe = m.pe_embedder(torch.cat((a["txt_ids"], a["img_ids"]), dim=1))
+        return FluxEmbedded(img=img, txt=txt, temb=self.mod_vectors.mean(1), grid=self.grid)
+
+    def double_vec(self, index):
+        return (self.model.get_modulations(self.mod_vectors, "double_img", idx=index),
+                self.model.get_modulations(self.mod_vectors, "double_txt", idx=index))
+
+    def single_vec(self, index):
+        return self.model.get_modulations(self.mod_vectors, "single", idx=index)
+
+    def final_vec(self):
+        return self.model.get_modulations(self.mod_vectors, "final")
 
 
 class FluxControl(FluxHooks):

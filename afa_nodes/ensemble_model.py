@@ -17,7 +17,7 @@ import comfy.ops
 import comfy.patcher_extension
 
 from . import logger
-from .comfy_flux import ComfyFluxExpert, FluxControl
+from .comfy_flux import ComfyChromaExpert, ComfyFluxExpert, FluxControl
 from .comfy_mmdit import ComfyMMDiTExpert, MMDiTControl, swapped_forward
 from .comfy_unet import ComfyExpert, ComfyHooks, split_adm, split_per_model
 from .core.aggregator_file import check_fits
@@ -110,22 +110,36 @@ def _dit_block_patches(ensemble: Ensemble, transformer_options):
     return [now] + [{**mine, **added} for mine in own[1:]]
 
 
-def _flux_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
-    layout = ensemble.layout
+def _flux_experts(ensemble: Ensemble, expert_class, module, x, timestep, context, y, guidance, ref_latents,
+                  transformer_options, kwargs):
+    layout, n = ensemble.layout, ensemble.num_models
+    modules = [module] + [m.diffusion_model for m in ensemble.models[1:]]
+    contexts = split_per_model(context, n, layout.context_dim, "the text context")
+    ys = split_per_model(y, n, layout.vec_dim, "the pooled text vector") if layout.vec_dim else [y] * n
+    modules, contexts, ys, patches = _selected(ensemble, modules, contexts, ys,
+                                               _dit_block_patches(ensemble, transformer_options))
+    experts = [expert_class(m, x, timestep, c, yy, guidance, ref_latents, transformer_options, kwargs, p)
+               for m, c, yy, p in zip(modules, contexts, ys, patches)]
+    return experts, contexts
 
+
+def _flux_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
     def afa_flux(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                  transformer_options={}, **kwargs):
-        n = ensemble.num_models
-        modules = [executor.class_obj] + [m.diffusion_model for m in ensemble.models[1:]]
-        contexts = split_per_model(context, n, layout.context_dim, "the text context")
-        ys = split_per_model(y, n, layout.vec_dim, "the pooled text vector") if layout.vec_dim else [y] * n
-        modules, contexts, ys, patches = _selected(ensemble, modules, contexts, ys,
-                                                   _dit_block_patches(ensemble, transformer_options))
-        experts = [ComfyFluxExpert(m, x, timestep, c, yy, guidance, ref_latents, transformer_options, kwargs, p)
-                   for m, c, yy, p in zip(modules, contexts, ys, patches)]
+        experts, contexts = _flux_experts(ensemble, ComfyFluxExpert, executor.class_obj, x, timestep, context, y,
+                                          guidance, ref_latents, transformer_options, kwargs)
         return executor_core.forward(experts, {"contexts": contexts, "hooks": FluxControl(control)},
                                      step_context(transformer_options, ensemble.recorder))
     return afa_flux
+
+
+def _chroma_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
+    def afa_chroma(executor, x, timestep, context, guidance, control=None, transformer_options={}, **kwargs):
+        experts, contexts = _flux_experts(ensemble, ComfyChromaExpert, executor.class_obj, x, timestep, context, None,
+                                          guidance, None, transformer_options, kwargs)
+        return executor_core.forward(experts, {"contexts": contexts, "hooks": FluxControl(control)},
+                                     step_context(transformer_options, ensemble.recorder))
+    return afa_chroma
 
 
 def _mmdit_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
@@ -155,6 +169,7 @@ def _mmdit_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
 # family -> (the wrapper kind ComfyUI calls, the wrapper factory)
 ENTRIES = {"unet": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _diffusion_wrapper),
            "flux": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _flux_wrapper),
+           "chroma": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _chroma_wrapper),
            "mmdit": (comfy.patcher_extension.WrappersMP.APPLY_MODEL, _mmdit_wrapper)}
 
 

@@ -1,4 +1,4 @@
-"""DiT ensembles (FLUX, SD3) inside real ComfyUI, on tiny models made from ComfyUI's own classes
+"""DiT ensembles (FLUX, SD3, Chroma) inside real ComfyUI, on tiny models made from ComfyUI's own classes
 (afa_nodes/comfy_dit_models.py): the block-by-block walk equals the model's own forward, and
 the ensemble invariants hold through ComfyUI's sampling path (common_ksampler)."""
 import pytest
@@ -15,15 +15,18 @@ def dit(comfy, one_thread):
     from afa_nodes import comfy_dit_models, ensemble_model
     return dict(nodes=nodes, models=comfy_dit_models, ens=ensemble_model,
                 flux=[comfy_dit_models.flux_patcher(s) for s in (1, 2)],
-                sd3=[comfy_dit_models.sd3_patcher(s) for s in (1, 2)])
+                sd3=[comfy_dit_models.sd3_patcher(s) for s in (1, 2)],
+                chroma=[comfy_dit_models.chroma_patcher(s) for s in (1, 2)])
 
 
 def conditioning(family, seed=0, width=1):
     """(positive, negative, cfg) for a family; `width` models' encodings stacked per model."""
     g = torch.Generator().manual_seed(seed)
-    ctx, pooled, extra, cfg = (48, 32, {"guidance": 3.5}, 1.0) if family == "flux" else (4096, 2048, {}, 3.0)
-    pos = [[torch.randn(1, 7, ctx * width, generator=g), {"pooled_output": torch.randn(1, pooled * width, generator=g), **extra}]]
-    neg = [[torch.zeros(1, 7, ctx * width), {"pooled_output": torch.zeros(1, pooled * width), **extra}]]
+    ctx, pooled, extra, cfg = {"flux": (48, 32, {"guidance": 3.5}, 1.0), "sd3": (4096, 2048, {}, 3.0),
+                               "chroma": (48, 0, {"guidance": 0.0}, 3.0)}[family]
+    pos = [[torch.randn(1, 7, ctx * width, generator=g),
+            {"pooled_output": torch.randn(1, pooled * width, generator=g) if pooled else None, **extra}]]
+    neg = [[torch.zeros(1, 7, ctx * width), {"pooled_output": torch.zeros(1, pooled * width) if pooled else None, **extra}]]
     return pos, neg, cfg
 
 
@@ -59,7 +62,7 @@ def ensemble(dit, patchers, mode="block-wise average", agg=None, weights="", ind
 def test_walk_over_one_model_equals_its_forward(dit):
     """The hand-written walk over ONE model reproduces ComfyUI's forward bit for bit (odd sizes
     are padded; FLUX Kontext reference latents; FLUX schnell without guidance)."""
-    from afa_nodes.comfy_flux import ComfyFluxExpert
+    from afa_nodes.comfy_flux import ComfyChromaExpert, ComfyFluxExpert
     from afa_nodes.comfy_mmdit import ComfyMMDiTExpert
     from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
     from afa_nodes.core.layout import derive_layout
@@ -73,6 +76,9 @@ def test_walk_over_one_model_equals_its_forward(dit):
         c, y = torch.randn(2, 5, 48, generator=g), torch.randn(2, 32, generator=g)
         cases.append((m, lambda m=m, c=c, y=y, gd=guidance, r=refs: m(x, t, c, y=y, guidance=gd, ref_latents=r, transformer_options={}),
                       lambda m=m, c=c, y=y, gd=guidance, r=refs: ComfyFluxExpert(m, x, t, c, y, gd, r), c))
+    chroma, c = dit["chroma"][0].model.diffusion_model, torch.randn(2, 5, 48, generator=g)
+    cases.append((chroma, lambda: chroma(x, t, c, torch.tensor([0.0, 2.0]), transformer_options={}),
+                  lambda: ComfyChromaExpert(chroma, x, t, c, None, torch.tensor([0.0, 2.0])), c))
     m = dit["sd3"][0].model.diffusion_model
     c, y = torch.randn(2, 5, 4096, generator=g), torch.randn(2, 2048, generator=g)
     cases.append((m, lambda: m(x, t * 1000, context=c, y=y, transformer_options={}),
@@ -96,9 +102,11 @@ def test_layouts_derived_from_the_module_structure(dit):
     assert sd3.point_names == ["joint 0", "joint 1", "final"] and sd3.point_channels == [128, 128, 64]
     assert (sd3.signature()["family"], sd3.context_dim, sd3.adm_dim) == ("mmdit", 4096, 2048)
     assert [flux.weight_group(p) for p in flux.points] == ["input", "input", "middle", "output", "output"]
+    chroma = derive_layout(dit["chroma"][0].model.diffusion_model)
+    assert chroma.signature()["family"] == "chroma" and chroma.point_names == flux.point_names and chroma.vec_dim == 0
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "chroma"])
 def test_identical_experts_equal_the_single_model_in_every_mode(dit, family, tmp_path):
     base = dit[family][0]
     expected = sample(dit, base, family)
@@ -112,7 +120,8 @@ def test_identical_experts_equal_the_single_model_in_every_mode(dit, family, tmp
     # each model's own encoding stacked along the features (as the AFA CLIP gives it; here all
     # equal): the copies still equal the model fed one of them
     pos, neg, cfg = conditioning(family)
-    stacked = [[[c.repeat(1, 1, 3), {k: v.repeat(1, 3) if k == "pooled_output" else v for k, v in extra.items()}]
+    stacked = [[[c.repeat(1, 1, 3), {k: v.repeat(1, 3) if k == "pooled_output" and v is not None else v
+                                     for k, v in extra.items()}]
                 for c, extra in cond] for cond in (pos, neg)]
     model = ensemble(dit, [base, base.clone(), base], "aggregator", agg)
     assert (sample(dit, model, family, cond=(*stacked, cfg)) - expected).abs().max() <= 1e-5
@@ -131,7 +140,7 @@ def test_each_model_gets_its_own_stacked_encoding(dit):
     assert (got - sample(dit, b, "sd3", cond=(*part(0), cfg))).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "chroma"])
 def test_two_different_experts_modes_and_fresh_aggregator(dit, family, tmp_path):
     a, b = dit[family]
     single = [sample(dit, a, family), sample(dit, b, family)]
@@ -145,11 +154,12 @@ def test_two_different_experts_modes_and_fresh_aggregator(dit, family, tmp_path)
     assert (outs["block-wise average"] - outs["fixed weights"]).abs().max() > 1e-3
     fresh = aggregator_file(dit, tmp_path, ensemble(dit, [a, b]), 2, f"{family}_fresh.safetensors", zero=True)
     assert torch.equal(sample(dit, ensemble(dit, [a, b], "aggregator", fresh), family), outs["block-wise average"])
-    # one-hot fixed weights reproduce that expert (text tokens stay each expert's own)
+    # one-hot fixed weights reproduce that expert (text tokens stay each expert's own); y1 + (y2 - y1)
+    # is y2 up to fp32 rounding, relative to the output's size
     for k in (0, 1):
         weights = ", ".join("1" if i == k else "0" for i in range(2))
         got = sample(dit, ensemble(dit, [a, b], "fixed weights", weights=weights), family)
-        assert (got - single[k]).abs().max() <= 1e-5
+        assert (got - single[k]).abs().max() <= 1e-6 * max(1.0, float(single[k].abs().max()))
 
 
 def test_block_patches_run_on_their_own_expert(dit):
@@ -218,3 +228,7 @@ def test_bad_inputs_raise_typed_errors(dit, tmp_path, sdxl_checkpoints):
     schnell = dit["models"].flux_patcher(1, schnell=True)
     with pytest.raises(IncompatibleModelsError, match="guidance|prediction"):
         ensemble(dit, [dit["flux"][0], schnell])
+    with pytest.raises(IncompatibleModelsError, match="'model 2' is a Chroma model but 'model 1' is a FLUX model"):
+        ensemble(dit, [dit["flux"][0], dit["chroma"][0]])
+    with pytest.raises(AggregatorMismatchError, match="trained for flux models, this ensemble is of chroma"):
+        ensemble(dit, dit["chroma"], "aggregator", flux_agg)

@@ -1,5 +1,6 @@
 """The FLUX family (FLUX.1 dev/schnell and their fine-tunes, FLUX Kontext; FLUX.2's global
-modulation): its layout, derived from the model's own structure, and its walk.
+modulation) and Chroma (FLUX's blocks, modulated by its `distilled_guidance_layer`; a family of
+its own): their layout, derived from the model's own structure, and their walk.
 
 ComfyUI's `Flux` embeds the latent patches (`img_in`), the time / guidance / pooled vector
 (`time_in`, `guidance_in`, `vector_in`) and the text (`txt_in`), then runs `double_blocks`
@@ -82,8 +83,7 @@ class FluxLayout(Layout):
     def weight_group(self, point: AggregationPoint) -> str:
         if point.stage == "final":
             return "output"
-        position = point.index + (self.num_double if point.stage == "single" else 0)
-        return weight_group(position, self.num_double + self.num_single)
+        return weight_group(self.points.index(point), len(self.points) - 1)
 
     def walk(self, experts, inputs, engine):
         """inputs: contexts [per model] (raw text encodings, for the aggregator's text input),
@@ -97,24 +97,22 @@ class FluxLayout(Layout):
         temb = mean_of([e.temb for e in embedded])
         cbar = mean_of(inputs["contexts"])
         imgs, txts = [e.img for e in embedded], [e.txt for e in embedded]
-        point = 0
-        for i in range(self.num_double):
-            outs = engine.run(lambda e, img, txt, i=i: e.double_block(i, img, txt), experts,
+        points = list(enumerate(self.points))
+        for point, p in [(k, p) for k, p in points if p.stage == "double"]:
+            outs = engine.run(lambda e, img, txt, i=p.index: e.double_block(i, img, txt), experts,
                               private(imgs), private(txts))
             imgs, mixed = mix_tokens(engine, point, [o[0] for o in outs], grid, temb, cbar, self.text_mixing)
             txts = mix_text([o[1] for o in outs], self.text_mixing, mixed)
-            imgs = hooks.after_double(i, imgs)
-            point += 1
+            imgs = hooks.after_double(p.index, imgs)
         text_tokens = txts[0].shape[1]
         seqs = _concat(txts, imgs)
         seq_grid = grid.at(text_tokens)
-        for i in range(self.num_single):
-            outs = engine.run(lambda e, seq, i=i: e.single_block(i, seq), experts, private(seqs))
+        for point, p in [(k, p) for k, p in points if p.stage == "single"]:
+            outs = engine.run(lambda e, seq, i=p.index: e.single_block(i, seq), experts, private(seqs))
             seqs, _ = mix_tokens(engine, point, outs, seq_grid, temb, cbar, self.text_mixing)
-            seqs = hooks.after_single(i, seqs, text_tokens)
-            point += 1
+            seqs = hooks.after_single(p.index, seqs, text_tokens)
         outs = engine.run(lambda e, seq: e.head(seq[:, seq_grid.start:seq_grid.end]), experts, seqs)
-        final, _ = mix_tokens(engine, point, outs, grid.at(0), temb, cbar)
+        final, _ = mix_tokens(engine, len(self.points) - 1, outs, grid.at(0), temb, cbar)
         if not shared(final):
             raise AFAError("the mixer left the final predictions unmixed")
         return experts[0].unpatchify(final[0])
@@ -134,26 +132,52 @@ def _each(streams, fn):
     return [fn(streams[0])] * len(streams) if shared(streams) else [fn(s) for s in streams]
 
 
-FLUX_PARTS = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "final_layer")
+@dataclass(frozen=True)
+class ChromaLayout(FluxLayout):
+    """Chroma: FLUX's blocks without their own modulation layers (one approximator makes every
+    block's modulation from timestep and guidance; no pooled vector). Blocks Chroma is told to
+    skip (`skip_mmdit`, `skip_dit`) are no aggregation points. The aggregator's time input is
+    the mean of the expert's modulation vectors."""
+    family = "chroma"
+
+
+FLUX_PARTS = ("double_blocks", "single_blocks", "img_in", "txt_in", "final_layer")
 
 
 def matches(model: nn.Module) -> bool:
-    return all(getattr(model, attr, None) is not None for attr in FLUX_PARTS)
+    return all(getattr(model, attr, None) is not None for attr in FLUX_PARTS + ("time_in",))
+
+
+def matches_chroma(model: nn.Module) -> bool:
+    return all(getattr(model, attr, None) is not None for attr in FLUX_PARTS + ("distilled_guidance_layer",))
+
+
+def _points(model, hidden):
+    skip_double, skip_single = set(getattr(model, "skip_mmdit", ())), set(getattr(model, "skip_dit", ()))
+    points = [AggregationPoint("double", i, hidden) for i in range(len(model.double_blocks)) if i not in skip_double]
+    points += [AggregationPoint("single", i, hidden) for i in range(len(model.single_blocks)) if i not in skip_single]
+    points.append(AggregationPoint("final", len(model.single_blocks) - 1, model.final_layer.linear.out_features))
+    return tuple(points)
 
 
 def derive_flux_layout(model: nn.Module, what: str = "model") -> FluxLayout:
-    for attr in FLUX_PARTS:
+    for attr in FLUX_PARTS + ("time_in",):
         if getattr(model, attr, None) is None:
             raise IncompatibleModelsError(f"{what} has no `{attr}`: it is a {type(model).__name__}, not a FLUX model.")
     params = getattr(model, "params", None)
     hidden = model.txt_in.out_features
-    final = model.final_layer.linear.out_features
-    points = [AggregationPoint("double", i, hidden) for i in range(len(model.double_blocks))]
-    points += [AggregationPoint("single", i, hidden) for i in range(len(model.single_blocks))]
-    points.append(AggregationPoint("final", len(model.single_blocks) - 1, final))
     vector_in = getattr(model, "vector_in", None)
-    return FluxLayout(points=tuple(points), context_dim=model.txt_in.in_features, time_embed_dim=hidden,
+    return FluxLayout(points=_points(model, hidden), context_dim=model.txt_in.in_features, time_embed_dim=hidden,
                       vec_dim=vector_in.in_layer.in_features if vector_in is not None else 0,
                       guidance=bool(getattr(params, "guidance_embed", False)),
                       patch_size=int(getattr(model, "patch_size", 2)),
                       global_modulation=bool(getattr(params, "global_modulation", False)))
+
+
+def derive_chroma_layout(model: nn.Module, what: str = "model") -> ChromaLayout:
+    for attr in FLUX_PARTS + ("distilled_guidance_layer",):
+        if getattr(model, attr, None) is None:
+            raise IncompatibleModelsError(f"{what} has no `{attr}`: it is a {type(model).__name__}, not a Chroma model.")
+    hidden = model.txt_in.out_features
+    return ChromaLayout(points=_points(model, hidden), context_dim=model.txt_in.in_features, time_embed_dim=hidden,
+                        vec_dim=0, guidance=True, patch_size=int(getattr(model, "patch_size", 2)))

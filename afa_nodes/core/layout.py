@@ -1,6 +1,7 @@
 """Which family a diffusion model belongs to, its layout derived from its own structure, and
 whether experts match. Families: "unet" (LDM UNets: SD1.x, SD2.x, SDXL, core/unet.py),
-"flux" (FLUX.1 dev/schnell and fine-tunes, core/flux.py), "mmdit" (SD3/SD3.5, core/mmdit.py).
+"flux" (FLUX.1 dev/schnell and fine-tunes) and "chroma" (core/flux.py), "mmdit" (SD3/SD3.5,
+core/mmdit.py).
 A new family adds its `matches` / `derive` pair to FAMILIES (see core/family.py for what a
 family provides).
 """
@@ -9,16 +10,17 @@ from torch import nn
 from . import flux, mmdit, unet
 from .errors import IncompatibleModelsError
 from .family import AggregationPoint, Layout, signature_family  # noqa: F401  (the layout vocabulary)
-from .flux import FluxLayout  # noqa: F401
+from .flux import ChromaLayout, FluxLayout  # noqa: F401
 from .mmdit import MMDiTLayout  # noqa: F401
 from .unet import UNetLayout  # noqa: F401
 
 # (matches(model) -> bool, derive(model, what) -> Layout), tried in order
 FAMILIES = [(unet.matches, unet.derive_unet_layout),
             (flux.matches, flux.derive_flux_layout),
+            (flux.matches_chroma, flux.derive_chroma_layout),
             (mmdit.matches, mmdit.derive_mmdit_layout)]
 FAMILY_NAMES = {"unet": "an LDM UNet (SD1.x, SD2.x, SDXL)", "flux": "a FLUX model (FLUX.1 dev/schnell, fine-tunes)",
-                "mmdit": "an MMDiT (SD3, SD3.5)"}
+                "chroma": "a Chroma model", "mmdit": "an MMDiT (SD3, SD3.5)"}
 
 
 def derive_layout(model: nn.Module, what: str = "model") -> Layout:
