@@ -90,6 +90,26 @@ def chroma_patcher(seed: int, dtype=torch.float32, **overrides):
     return _patcher(model.eval())
 
 
+# The smallest state dict ComfyUI detects as FLUX.1 [dev]: its fixed width (3072, 24 heads,
+# rotary axes 16/56/56) with 1 double + 1 single block; CLIP-L-wide text and pooled inputs.
+REAL_LAYOUT_FLUX = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=3072,
+                        mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+                        theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+
+
+def flux_state_dict(seed: int, dtype=torch.bfloat16, **overrides) -> dict:
+    """A FLUX diffusion model state dict in the real key layout (default: REAL_LAYOUT_FLUX,
+    ~0.5 B parameters, ~1 GB in bf16), seeded weights."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    known = {f.name for f in dataclasses.fields(FluxParams)}
+    config = {k: v for k, v in {**REAL_LAYOUT_FLUX, **overrides}.items() if k in known}
+    with torch.device("meta"):
+        module = Flux(**config, device="meta", operations=comfy.ops.disable_weight_init)
+    return {k: v.to(dtype) for k, v in _fill(module, seed).items()}
+
+
 def _meta_mmdit(config: dict):
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT

@@ -232,3 +232,35 @@ def test_bad_inputs_raise_typed_errors(dit, tmp_path, sdxl_checkpoints):
         ensemble(dit, [dit["flux"][0], dit["chroma"][0]])
     with pytest.raises(AggregatorMismatchError, match="trained for flux models, this ensemble is of chroma"):
         ensemble(dit, dit["chroma"], "aggregator", flux_agg)
+
+
+@pytest.mark.slow
+def test_a_flux_detected_from_its_weights(dit):
+    """The smallest state dict ComfyUI detects as FLUX.1 [dev] (width 3072, 1 double + 1 single
+    block, ~0.5 B parameters): loaded as "Load Diffusion Model" loads it, its layout comes from
+    the loaded module, the walk reproduces its forward and two copies reproduce it."""
+    import comfy.sd as comfy_sd
+    from afa_nodes.comfy_flux import ComfyFluxExpert
+    from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
+    from afa_nodes.core.layout import derive_layout
+    patcher = comfy_sd.load_diffusion_model_state_dict(dit["models"].flux_state_dict(7))
+    assert type(patcher.model).__name__ == "Flux" and str(patcher.model.model_type) == "ModelType.FLUX"
+    m = patcher.model.diffusion_model
+    layout = derive_layout(m)
+    assert layout.point_names == ["double 0", "single 0", "final"] and layout.time_embed_dim == 3072
+    assert (layout.context_dim, layout.vec_dim, layout.guidance) == (768, 768, True)
+    g = torch.Generator().manual_seed(0)
+    x, t, c, y = torch.randn(1, 16, 4, 6, generator=g), torch.tensor([0.5]), torch.randn(1, 5, 768, generator=g), \
+        torch.randn(1, 768, generator=g)
+    with torch.inference_mode():
+        reference = m(x, t, c, y=y, guidance=torch.tensor([3.5]), transformer_options={})
+        ours = EnsembleExecutor(layout, uniform_mixer(3, 1)).forward(
+            [ComfyFluxExpert(m, x, t, c, y, torch.tensor([3.5]))], {"contexts": [c]})
+    assert torch.equal(ours, reference)
+    cond = ([[c[:, :5], {"pooled_output": y, "guidance": 3.5}]], [[c[:, :5] * 0, {"pooled_output": y * 0, "guidance": 3.5}]], 1.0)
+    latent = {"samples": torch.zeros(1, 16, 4, 6)}
+    with torch.inference_mode():
+        single = dit["nodes"].common_ksampler(patcher, 1, 2, 1.0, "euler", "simple", cond[0], cond[1], latent)[0]["samples"]
+        copies = dit["nodes"].common_ksampler(ensemble(dit, [patcher, patcher.clone()]), 1, 2, 1.0, "euler", "simple",
+                                              cond[0], cond[1], latent)[0]["samples"]
+    assert (copies - single).abs().max() <= 1e-5
