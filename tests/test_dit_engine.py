@@ -234,6 +234,24 @@ def test_bad_inputs_raise_typed_errors(dit, tmp_path, sdxl_checkpoints):
         ensemble(dit, dit["chroma"], "aggregator", flux_agg)
 
 
+
+def test_maps_of_a_dit_ensemble_are_token_grids(dit, tmp_path):
+    """The map recorder sees every double/single block's weights as a (latent / 2) picture."""
+    from afa_nodes.service import maps
+    a, b = dit["flux"]
+    agg = aggregator_file(dit, tmp_path, ensemble(dit, [a, b]), 2, "flux_maps.safetensors")
+    model, recorder = maps.record_maps(ensemble(dit, [a, b], "aggregator", agg), points="all", steps="all")
+    pos, neg, cfg = conditioning("flux")
+    with torch.inference_mode():
+        out = dit["nodes"].common_ksampler(model, 3, 3, cfg, "euler", "simple", pos, neg,
+                                           {"samples": torch.zeros(1, 16, 12, 16)})[0]
+    preview = maps.preview_maps(recorder, out, points="double 0, single 1, final", step=-1)
+    info = preview.info
+    assert info["points"] == ["double 0", "double 1", "single 0", "single 1", "final"] and info["steps"] == [0, 1, 2]
+    assert set(map(tuple, info["sizes"].values())) == {(6, 8)}
+    grids = preview.images[0]
+    assert grids.shape[0] == 3 and float(grids.std()) > 0
+
 @pytest.mark.slow
 def test_a_flux_detected_from_its_weights(dit):
     """The smallest state dict ComfyUI detects as FLUX.1 [dev] (width 3072, 1 double + 1 single
