@@ -11,7 +11,8 @@ demos. Random seeded weights: what they draw is noise, but every block is ComfyU
 * `ensure_sd3_demo_files(...)`: what an SD3 workflow needs, in the folders the stock loaders
   read: two tiny SD3 diffusion models (diffusion_models/), a CLIP-L text encoder taken from an
   SD1.5 demo checkpoint (text_encoders/, "Load CLIP" type sd3 pads it to SD3's 4096-wide
-  context and 2048-wide pooled vector) and a 16-channel TAESD as the VAE (vae/).
+  context and 2048-wide pooled vector) and a 16-channel TAESD as the VAE (vae/);
+  `ensure_flux_demo_files(...)` the same for FLUX with the smallest detectable FLUX files.
 * `finetuned(...)`: a copy of a model with every weight moved by a relative amount, as a
   stand-in for a fine-tune of one base model.
 
@@ -149,7 +150,9 @@ def save_sd3(path, seed: int, dtype=torch.float16, **overrides):
 
 
 SD3_DEMO_FILES = {"diffusion_models": ["afa_demo_sd3_tiny_1.safetensors", "afa_demo_sd3_tiny_2.safetensors"],
-                  "text_encoders": ["afa_demo_clip_l.safetensors"], "vae": ["afa_demo_taesd3.safetensors"]}
+                  "text_encoders": ["afa_demo_clip_l.safetensors"], "vae": ["afa_demo_taesd16.safetensors"]}
+FLUX_DEMO_FILES = {"diffusion_models": ["afa_demo_flux_min_1.safetensors", "afa_demo_flux_min_2.safetensors"],
+                   "text_encoders": SD3_DEMO_FILES["text_encoders"], "vae": SD3_DEMO_FILES["vae"]}
 CLIP_PREFIX = "cond_stage_model.transformer."
 
 
@@ -166,15 +169,26 @@ def _save(tensors: dict, path, title: str):
 def ensure_sd3_demo_files(folder, sd15_checkpoint) -> dict:
     """Build (once) the SD3 demo files under folder/<kind>/; -> {kind: [paths]}.
     `sd15_checkpoint`: an SD1.5 checkpoint whose CLIP-L becomes the text encoder."""
+    return _ensure(folder, SD3_DEMO_FILES, sd15_checkpoint, save_sd3)
+
+
+def ensure_flux_demo_files(folder, sd15_checkpoint) -> dict:
+    """The FLUX demo files (two smallest FLUX files ComfyUI detects, ~1 GB each in bf16; the
+    CLIP-L and the 16-channel TAESD of the SD3 demo) under folder/<kind>/; -> {kind: [paths]}."""
+    return _ensure(folder, FLUX_DEMO_FILES, sd15_checkpoint,
+                   lambda path, seed: _save(flux_state_dict(seed), path, f"smallest detectable FLUX (seed {seed})"))
+
+
+def _ensure(folder, names: dict, sd15_checkpoint, save_model) -> dict:
     from pathlib import Path
 
     folder = Path(folder)
-    out = {kind: [folder / kind / name for name in names] for kind, names in SD3_DEMO_FILES.items()}
+    out = {kind: [folder / kind / name for name in files] for kind, files in names.items()}
     for kind in out:
         (folder / kind).mkdir(parents=True, exist_ok=True)
     for seed, path in enumerate(out["diffusion_models"], start=1):
         if not path.is_file():
-            save_sd3(path, seed)
+            save_model(path, seed)
     clip = out["text_encoders"][0]
     if not clip.is_file():
         from safetensors import safe_open
@@ -190,7 +204,7 @@ def ensure_sd3_demo_files(folder, sd15_checkpoint) -> dict:
             taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
         tensors = _fill(taesd, 3)
         tensors.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
-        _save({k: v.half() for k, v in tensors.items()}, vae, "16-channel TAESD (SD3 latents)")
+        _save({k: v.half() for k, v in tensors.items()}, vae, "16-channel TAESD (SD3 / FLUX latents)")
     return out
 
 

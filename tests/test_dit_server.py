@@ -1,4 +1,4 @@
-"""SD3 ensembles on a real ComfyUI server, from files the stock loaders read.
+"""SD3 and FLUX ensembles on a real ComfyUI server, from files the stock loaders read.
 
 Tiny SD3 diffusion models (detected as SD3 by ComfyUI from their weights) go into
 models/diffusion_models, a CLIP-L into models/text_encoders, a 16-channel TAESD into models/vae
@@ -7,7 +7,8 @@ workflow workflows/dit/afa_sd3_ensemble.json (Load Diffusion Model x2 -> AFA Ens
 KSampler) runs; two copies of one model through AFA Ensemble equal that model in every mode
 (latents saved with SaveLatent, compared as tensors); bad input (SD3 + SD1.5, an aggregator
 made for FLUX, one made for another SD3 size) is an error naming the problem, after which
-the server still runs prompts.
+the server still runs prompts. FLUX (slow: the smallest files ComfyUI detects as FLUX are
+~1 GB each): workflows/dit/afa_flux_ensemble.json runs, and copies equal the model.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from workflow_api import load_workflow, nodes_of, set_inputs, to_api
 pytestmark = pytest.mark.comfyui
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = REPO_ROOT / "workflows" / "dit" / "afa_sd3_ensemble.json"
-ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows" / "afa_sd3_ensemble"
+WORKFLOWS = REPO_ROOT / "workflows" / "dit"
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows"
 WIDTH, HEIGHT = 96, 64
 TIMEOUT = 600
 
@@ -88,19 +89,30 @@ def save_aggregator(layout, path, random=True):
     return path.name
 
 
+SD3_1, SD3_2, FLUX_1, FLUX_2 = ("afa_demo_sd3_tiny_1.safetensors", "afa_demo_sd3_tiny_2.safetensors",
+                                "afa_demo_flux_min_1.safetensors", "afa_demo_flux_min_2.safetensors")
+
+
 def prompt(models, mode="block-wise average", seed=5, prefix="afa_dit", aggregator=None, weights="", index=1,
-           second="afa_demo_sd3_tiny_1.safetensors"):
-    """Load Diffusion Model x2 -> AFA Ensemble -> KSampler -> SaveLatent; `models` None: model 1 alone.
-    `second` may name a checkpoint (CheckpointLoaderSimple) instead of a diffusion model."""
-    p = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "afa_demo_sd3_tiny_1.safetensors", "weight_dtype": "default"}},
-         "3": {"class_type": "CLIPLoader", "inputs": {"clip_name": "afa_demo_clip_l.safetensors", "type": "sd3"}},
+           first=SD3_1, second=None):
+    """Load Diffusion Model x2 -> AFA Ensemble -> KSampler -> SaveLatent; `models` False: model 1 alone.
+    `second` (default: `first` again) may name a checkpoint (CheckpointLoaderSimple)."""
+    flux = first.startswith("afa_demo_flux")
+    second = second or first
+    p = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": first, "weight_dtype": "default"}},
+         "3": {"class_type": "CLIPLoader", "inputs": {"clip_name": "afa_demo_clip_l.safetensors",
+                                                      "type": "stable_diffusion" if flux else "sd3"}},
          "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": "a fox in the snow"}},
          "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": ""}},
          "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1}},
          "8": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
-                                                    "latent_image": ["6", 0], "seed": seed, "steps": 3, "cfg": 4.0,
-                                                    "sampler_name": "euler", "scheduler": "sgm_uniform", "denoise": 1.0}},
+                                                    "latent_image": ["6", 0], "seed": seed, "steps": 3,
+                                                    "cfg": 1.0 if flux else 4.0, "sampler_name": "euler",
+                                                    "scheduler": "simple" if flux else "sgm_uniform", "denoise": 1.0}},
          "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": prefix}}}
+    if flux:
+        p["11"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}}
+        p["8"]["inputs"]["positive"] = ["11", 0]
     if models:
         p["2"] = ({"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": second}} if second.startswith("afa_demo_sd15")
                   else {"class_type": "UNETLoader", "inputs": {"unet_name": second, "weight_dtype": "default"}})
@@ -128,23 +140,29 @@ def latent_of(srv, entry) -> torch.Tensor:
     return load_file(str(srv.output_dir / item.get("subfolder", "") / item["filename"]))["latent_tensor"]
 
 
-def test_the_sd3_workflow_runs(server):
-    srv, _ = server
+def run_workflow(srv, name):
+    """An example workflow at tiny settings: it fits the server, runs, and saves a sane image."""
+    path = WORKFLOWS / name
     object_info = srv.object_info()
-    wf = load_workflow(WORKFLOW)
-    api = to_api(wf, object_info, WORKFLOW.name)
+    wf = load_workflow(path)
+    api = to_api(wf, object_info, path.name)
     assert {n["class_type"] for n in api.values()} >= {"UNETLoader", "AFAEnsemble", "KSampler", "CLIPLoader", "VAELoader"}
     assert len(nodes_of(api, "UNETLoader")) == 2
     assert any("own checkpoints" in n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note")
     set_inputs(api, "EmptySD3LatentImage", width=WIDTH, height=HEIGHT)
     set_inputs(api, "KSampler", steps=3)
     entry = srv.run(api, timeout=TIMEOUT)
-    (path,) = srv.output_images(entry)
-    image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    (image_path,) = srv.output_images(entry)
+    image = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float32)
     assert image.shape == (HEIGHT, WIDTH, 3) and image.std() > 1.0
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(path, ARTIFACTS / path.name)
-    (ARTIFACTS / "prompt_api.json").write_text(json.dumps(api, indent=2), encoding="utf-8")
+    art = ARTIFACTS / path.stem
+    art.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(image_path, art / image_path.name)
+    (art / "prompt_api.json").write_text(json.dumps(api, indent=2), encoding="utf-8")
+
+
+def test_the_sd3_workflow_runs(server):
+    run_workflow(server[0], "afa_sd3_ensemble.json")
 
 
 def test_copies_equal_the_model_in_every_mode(server, layouts):
@@ -158,7 +176,7 @@ def test_copies_equal_the_model_in_every_mode(server, layouts):
                    weights="0.3, 0.7", index=2)
         got = latent_of(srv, srv.run(fit(p, object_info), timeout=TIMEOUT))
         assert (got - expected).abs().max() <= 1e-5, mode
-    different = prompt(True, second="afa_demo_sd3_tiny_2.safetensors", prefix="afa_dit_two")
+    different = prompt(True, second=SD3_2, prefix="afa_dit_two")
     assert (latent_of(srv, srv.run(fit(different, object_info), timeout=TIMEOUT)) - expected).abs().max() > 1e-3
 
 
@@ -177,3 +195,41 @@ def test_bad_inputs_are_errors_and_the_server_keeps_serving(server, layouts, sd1
         good = latent_of(srv, srv.run(fit(prompt(True, seed=seed, prefix=f"afa_dit_after_{seed}"), object_info),
                                       timeout=TIMEOUT))
         assert torch.isfinite(good).all()
+
+
+@pytest.fixture(scope="module")
+def flux_server(server, comfy, sd15_checkpoints):
+    """The server with the FLUX demo files too (built once into the test cache: ~2 GB)."""
+    from conftest import checkpoint_cache_dir
+
+    from afa_nodes.comfy_dit_models import ensure_flux_demo_files
+    srv, models = server
+    files = ensure_flux_demo_files(checkpoint_cache_dir() / "dit", sd15_checkpoints[0].resolve())
+    for p in files["diffusion_models"]:
+        link = models / "diffusion_models" / p.name
+        if not link.exists():
+            link.symlink_to(p)
+    return srv, models, files
+
+
+@pytest.mark.slow
+def test_the_flux_workflow_runs(flux_server):
+    run_workflow(flux_server[0], "afa_flux_ensemble.json")
+
+
+@pytest.mark.slow
+def test_flux_copies_equal_the_model(flux_server):
+    import comfy.sd as comfy_sd
+
+    from afa_nodes.core.layout import derive_layout
+    srv, models, files = flux_server
+    object_info = srv.object_info()
+    layout = derive_layout(comfy_sd.load_diffusion_model(str(files["diffusion_models"][0])).model.diffusion_model)
+    agg = save_aggregator(layout, models / "afa" / "afa_test_flux_min.safetensors")
+    expected = latent_of(srv, srv.run(fit(prompt(False, first=FLUX_1, prefix="afa_flux_single"), object_info), timeout=TIMEOUT))
+    for i, mode in enumerate(("block-wise average", "aggregator")):
+        p = prompt(True, mode, first=FLUX_1, prefix=f"afa_flux_copies_{i}", aggregator=agg if mode == "aggregator" else None)
+        assert (latent_of(srv, srv.run(fit(p, object_info), timeout=TIMEOUT)) - expected).abs().max() <= 1e-5, mode
+    two = latent_of(srv, srv.run(fit(prompt(True, first=FLUX_1, second=FLUX_2, prefix="afa_flux_two"), object_info),
+                                 timeout=TIMEOUT))
+    assert (two - expected).abs().max() > 1e-3
