@@ -61,7 +61,8 @@ def ensemble(dit, patchers, mode="block-wise average", agg=None, weights="", ind
 
 def test_walk_over_one_model_equals_its_forward(dit):
     """The hand-written walk over ONE model reproduces ComfyUI's forward bit for bit (odd sizes
-    are padded; FLUX Kontext reference latents; FLUX schnell without guidance)."""
+    are padded; FLUX Kontext reference latents; FLUX schnell without guidance; FLUX.2's global
+    modulation; Chroma; SD3)."""
     from afa_nodes.comfy_flux import ComfyChromaExpert, ComfyFluxExpert
     from afa_nodes.comfy_mmdit import ComfyMMDiTExpert
     from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
@@ -76,6 +77,15 @@ def test_walk_over_one_model_equals_its_forward(dit):
         c, y = torch.randn(2, 5, 48, generator=g), torch.randn(2, 32, generator=g)
         cases.append((m, lambda m=m, c=c, y=y, gd=guidance, r=refs: m(x, t, c, y=y, guidance=gd, ref_latents=r, transformer_options={}),
                       lambda m=m, c=c, y=y, gd=guidance, r=refs: ComfyFluxExpert(m, x, t, c, y, gd, r), c))
+    import dataclasses
+    from comfy.ldm.flux.model import FluxParams
+    if "global_modulation" in {f.name for f in dataclasses.fields(FluxParams)}:   # FLUX.2 (ComfyUI >= 0.4)
+        flux2 = dit["models"].flux_patcher(4, global_modulation=True, mlp_silu_act=True, ops_bias=False, qkv_bias=False,
+                                           axes_dim=[8, 8, 8, 8], txt_ids_dims=[3], patch_size=1, in_channels=8,
+                                           out_channels=8, vec_in_dim=None, mlp_ratio=3.0).model.diffusion_model
+        x2, c2 = torch.randn(2, 8, 6, 8, generator=g), torch.randn(2, 5, 48, generator=g)
+        cases.append((flux2, lambda: flux2(x2, t, c2, guidance=torch.tensor([3.5, 2.0]), transformer_options={}),
+                      lambda: ComfyFluxExpert(flux2, x2, t, c2, None, torch.tensor([3.5, 2.0])), c2))
     chroma, c = dit["chroma"][0].model.diffusion_model, torch.randn(2, 5, 48, generator=g)
     cases.append((chroma, lambda: chroma(x, t, c, torch.tensor([0.0, 2.0]), transformer_options={}),
                   lambda: ComfyChromaExpert(chroma, x, t, c, None, torch.tensor([0.0, 2.0])), c))
@@ -88,7 +98,7 @@ def test_walk_over_one_model_equals_its_forward(dit):
         with torch.inference_mode():
             reference = forward()
             ours = EnsembleExecutor(layout, uniform_mixer(len(layout.points), 1)).forward([expert()], {"contexts": [c]})
-        assert reference.shape == x.shape and torch.equal(ours, reference), layout.describe()
+        assert reference.ndim == 4 and torch.equal(ours, reference), layout.describe()
 
 
 def test_layouts_derived_from_the_module_structure(dit):
