@@ -80,17 +80,17 @@ def main(argv=None):
     from afa_nodes.comfy_env import boot_comfyui
     boot_comfyui(args.comfyui)
     from afa_nodes.ensemble_model import with_recorder
-    from afa_nodes.nodes_maps import record
+    from afa_nodes.service.maps import record_maps
     size = args.size or 256
     patchers = [build_patcher(SD15_FULL if args.full else SD15_TINY, seed) for seed in range(2)]
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         off = build_afa_model(patchers, folder)
-        on, recorder = record(off, points="all", steps="all", max_side=64, cap_mb=4096)
+        on, recorder = record_maps(off, points="all", steps="all", max_side=64, cap_mb=4096)
         spent = [0.0]
 
-        def timed_recorder(point, weights, options):  # the recorder's own time, free of machine noise
+        def timed_recorder(point, weights, ctx):  # the recorder's own time, free of machine noise
             start = time.perf_counter()
-            recorder(point, weights, options)
+            recorder(point, weights, ctx)
             spent[0] += time.perf_counter() - start
         on = with_recorder(on, timed_recorder)  # keeps the clone's OUTER_SAMPLE "afa_maps" wrapper
         latent = torch.zeros(1, 4, size // 8, size // 8)
