@@ -235,3 +235,14 @@ def test_viewer_payloads():
     assert p["shape"] == [2, 2, 2] and data[0, 0].tolist() == [191, 0] and data[1, 0].tolist() == [64, 255]
     with pytest.raises(AFAError, match="not recorded"):
         map_payload(run, 0, "final")
+
+
+def test_points_of_a_dit_family_by_stage_name_and_middle():
+    """FLUX points are 'double i', 'single i', 'final': stages select by their first word, and
+    'middle' (the preview's default) is the middle point of a family without a middle block."""
+    flux = [f"double {i}" for i in range(2)] + [f"single {i}" for i in range(3)] + ["final"]
+    assert parse_points("single", flux) == [2, 3, 4]
+    assert parse_points("double1, final", flux) == [1, 5]
+    assert parse_points("middle", flux) == [3]
+    with pytest.raises(AFAError, match="joint"):
+        parse_points("joint", flux)

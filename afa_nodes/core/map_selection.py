@@ -1,7 +1,9 @@
 """Which aggregation points and sampler steps a map recording keeps (host-free).
 
-  points  "all", "1, 24", "0-11", names ("middle", "final", "input 3", "output 10") or
-          stages ("input" = every input point, "output" = every output point + final)
+  points  "all", "1, 24", "0-11", names ("middle", "final", "input 3", "output 10", "double 2") or
+          stages ("input" = every input point, "output" = every output point + final; DiTs:
+          "double", "single", "joint"); "middle" of a family without a middle block is its
+          middle point
   steps   "all", "every K" (0, K, 2K, ... and the last), "last K", or indices "0, 5, 10-12"
 
 Both are parsed before sampling; a spec that names nothing that exists is an AFAError that
@@ -20,8 +22,12 @@ def parse_points(spec: str, point_names: list[str]) -> list[int]:
     "input 3", "output". AFAError names the valid points when one does not exist."""
     n = len(point_names)
     lookup = {_norm(name): i for i, name in enumerate(point_names)}
-    stages = {"input": [i for i, p in enumerate(point_names) if p.startswith("input")],
-              "output": [i for i, p in enumerate(point_names) if p.startswith("output") or p == "final"]}
+    lookup.setdefault("middle", n // 2)  # a family without a middle block (DiTs): the middle point
+    stages = {}  # the first word of the point names: input/output (UNet), double/single (FLUX), joint (SD3)
+    for i, name in enumerate(point_names):
+        if " " in name:
+            stages.setdefault(name.split(" ")[0], []).append(i)
+    stages.get("output", []).extend(i for i, p in enumerate(point_names) if p == "final")
     chosen: set[int] = set()
     for token in re.split(r"[,;]", spec or ""):
         t = _norm(token)
@@ -29,10 +35,10 @@ def parse_points(spec: str, point_names: list[str]) -> list[int]:
             continue
         if t == "all":
             chosen.update(range(n))
-        elif t in stages:
-            chosen.update(stages[t])
         elif t in lookup:
             chosen.add(lookup[t])
+        elif t in stages:
+            chosen.update(stages[t])
         elif re.fullmatch(r"\d+", t):
             chosen.add(_check_index(int(t), point_names))
         elif re.fullmatch(r"\d+-\d+", t):
@@ -49,7 +55,7 @@ def parse_points(spec: str, point_names: list[str]) -> list[int]:
 
 def _norm(text: str) -> str:
     t = re.sub(r"[\s_]+", " ", text.strip().lower())
-    return re.sub(r"^(input|output)\s*(\d+)$", r"\1 \2", t)
+    return re.sub(r"^([a-z]+)\s*(\d+)$", r"\1 \2", t)
 
 
 def _check_index(i: int, point_names: list[str]) -> int:
