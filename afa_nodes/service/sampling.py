@@ -3,7 +3,7 @@ nodes a ComfyUI workflow runs (CLIP Text Encode x2 -> Empty Latent Image -> KSam
 VAE Decode), under torch.inference_mode() as ComfyUI's executor runs nodes."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -29,7 +29,8 @@ class SampleSettings:
     batch: int = 1
 
     def checked(self) -> "SampleSettings":
-        """A validated copy (numbers in range, sizes multiples of 8, known sampler/scheduler)."""
+        """A validated copy (numbers in range, sizes multiples of 8, known sampler/scheduler); a
+        subclass (a front end's request with more fields) keeps its type and its other fields."""
         values = asdict(self)
         for name, (lo, hi) in LIMITS.items():
             value = values[name]
@@ -44,7 +45,7 @@ class SampleSettings:
         if self.scheduler not in schedulers():
             raise AFAError(f"unknown scheduler '{self.scheduler}'; ComfyUI offers: {', '.join(schedulers())}.")
         values["prompt"], values["negative"] = self.prompt or "", self.negative or ""
-        return SampleSettings(**values)
+        return replace(self, **{k: values[k] for k in SampleSettings.__dataclass_fields__})
 
 
 def samplers() -> list:

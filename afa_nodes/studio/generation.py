@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,40 +35,26 @@ Progress = Callable[[float, str], None]   # (fraction 0..1, text)
 
 
 @dataclass
-class GenerateRequest:
-    """What the Generate tab sends. `checked()` returns a validated copy or raises AFAError."""
-    checkpoints: list
+class GenerateRequest(sampling.SampleSettings):
+    """What the Generate tab sends: the sampling settings plus the ensemble and what to show.
+    `checked()` returns a validated copy or raises AFAError."""
+    checkpoints: list = field(default_factory=list)
     mode: str = Mode.BLOCK_AVERAGE.value
     aggregator: str = catalog.NONE
     weights: str = ""
     model_index: int = 1        # 1-based, as shown
-    prompt: str = ""
-    negative: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 20
-    cfg: float = 7.0
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    seed: int = 0
-    batch: int = 1
     compare: bool = True        # also each base model alone, same seed
     record_maps: bool = True    # attention maps for the Maps tab
 
     def checked(self) -> "GenerateRequest":
-        values = asdict(self)
-        values["checkpoints"] = catalog.check_checkpoints(self.checkpoints)
-        values["aggregator"] = catalog.check_aggregator(self.aggregator, self.mode)
+        req = super().checked()
+        checkpoints = catalog.check_checkpoints(self.checkpoints)
+        aggregator = catalog.check_aggregator(self.aggregator, self.mode)
         if not 1 <= int(self.model_index or 0) <= MAX_MODELS:
             raise AFAError(f"model_index must be between 1 and {MAX_MODELS}, got {self.model_index}.")
-        spec = EnsembleSpec.from_ui(values["checkpoints"], self.mode, values["aggregator"], self.weights,
-                                    self.model_index).checked()
-        values["mode"] = spec.mode.value
-        values.update(asdict(self._settings().checked()))
-        return GenerateRequest(**values)
-
-    def _settings(self) -> sampling.SampleSettings:
-        return sampling.SampleSettings(**{k: getattr(self, k) for k in sampling.SampleSettings.__dataclass_fields__})
+        spec = EnsembleSpec.from_ui(checkpoints, self.mode, aggregator, self.weights, self.model_index).checked()
+        return replace(req, checkpoints=checkpoints, aggregator=aggregator, mode=spec.mode.value,
+                       model_index=int(self.model_index))
 
     def spec(self) -> EnsembleSpec:
         return EnsembleSpec.from_ui(self.checkpoints, self.mode, self.aggregator, self.weights, self.model_index)
@@ -78,7 +64,8 @@ class GenerateRequest:
 
     def settings(self) -> dict:
         """The settings embedded in every PNG (keys as in `python -m afa_nodes generate`)."""
-        return dict(asdict(self._settings()), mode=self.mode, weights=self.weights, model_index=self.model_index,
+        sample = {k: getattr(self, k) for k in sampling.SampleSettings.__dataclass_fields__}
+        return dict(sample, mode=self.mode, weights=self.weights, model_index=self.model_index,
                     checkpoints=list(self.checkpoints),
                     aggregator=None if self.aggregator == catalog.NONE else self.aggregator, app="AFA Studio")
 
@@ -152,7 +139,7 @@ def generate(req: GenerateRequest, cache: ModelCache, progress: Optional[Progres
     bases = list(dict.fromkeys(req.checkpoints)) if req.compare else []  # a checkpoint chosen twice runs once
     stages = ["AFA ensemble"] + [f"base model {i + 1}/{len(bases)} ({name})" for i, name in enumerate(bases)]
     tracker = StageProgress(stages, progress)
-    settings, sample_settings = req.settings(), req._settings()
+    settings = req.settings()
     out_dir, prefix = _output_prefix(req)
     result = GenerationResult()
     with torch.inference_mode(), tracker.hooked():
@@ -163,7 +150,7 @@ def generate(req: GenerateRequest, cache: ModelCache, progress: Optional[Progres
         if req.record_maps and req.spec().mode.mixes:
             model, recorder = maps.record_maps(model, points="all")
         tracker.stage(0, "sampling")
-        samples, images = sampling.sample(model, loaded.clip, loaded.vae, sample_settings)
+        samples, images = sampling.sample(model, loaded.clip, loaded.vae, req)
         graph = comfy_prompt(req)
         for b in range(images.shape[0]):
             path = out_dir / f"{prefix}_ensemble_{b}.png"
@@ -182,7 +169,7 @@ def generate(req: GenerateRequest, cache: ModelCache, progress: Optional[Progres
             tracker.stage(1 + i, "sampling")
             base = checkpoints[name]
             sampling.require_text_encoder(base.clip, [name])
-            _, base_images = sampling.sample(base.model, base.clip, base.vae, sample_settings)
+            _, base_images = sampling.sample(base.model, base.clip, base.vae, req)
             graph = comfy_prompt(req, base=name)
             for b in range(base_images.shape[0]):
                 path = out_dir / f"{prefix}_base{i + 1}_{b}.png"
