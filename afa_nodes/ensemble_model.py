@@ -110,7 +110,21 @@ def _dit_block_patches(ensemble: Ensemble, transformer_options):
     return [now] + [{**mine, **added} for mine in own[1:]]
 
 
-def _flux_experts(ensemble: Ensemble, expert_class, module, x, timestep, context, y, guidance, ref_latents,
+def dit_experts(family: str, modules, x, timesteps, contexts, ys, guidance=None, ref_latents=None,
+                transformer_options=None, kwargs=None, patches=None) -> list:
+    """The family's expert adapters for one call, one per module with its own context, pooled
+    vector y and block patches (sampling and training build them here)."""
+    options = transformer_options if transformer_options is not None else {}
+    patches = patches or [None] * len(modules)
+    if family == "mmdit":
+        return [ComfyMMDiTExpert(m, x, timesteps, c, y, options, p)
+                for m, c, y, p in zip(modules, contexts, ys, patches)]
+    expert_class = ComfyChromaExpert if family == "chroma" else ComfyFluxExpert
+    return [expert_class(m, x, timesteps, c, y, guidance, ref_latents, options, kwargs, p)
+            for m, c, y, p in zip(modules, contexts, ys, patches)]
+
+
+def _flux_experts(ensemble: Ensemble, module, x, timestep, context, y, guidance, ref_latents,
                   transformer_options, kwargs):
     layout, n = ensemble.layout, ensemble.num_models
     modules = [module] + [m.diffusion_model for m in ensemble.models[1:]]
@@ -118,16 +132,15 @@ def _flux_experts(ensemble: Ensemble, expert_class, module, x, timestep, context
     ys = split_per_model(y, n, layout.vec_dim, "the pooled text vector") if layout.vec_dim else [y] * n
     modules, contexts, ys, patches = _selected(ensemble, modules, contexts, ys,
                                                _dit_block_patches(ensemble, transformer_options))
-    experts = [expert_class(m, x, timestep, c, yy, guidance, ref_latents, transformer_options, kwargs, p)
-               for m, c, yy, p in zip(modules, contexts, ys, patches)]
-    return experts, contexts
+    return dit_experts(layout.family, modules, x, timestep, contexts, ys, guidance, ref_latents,
+                       transformer_options, kwargs, patches), contexts
 
 
 def _flux_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
     def afa_flux(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                  transformer_options={}, **kwargs):
-        experts, contexts = _flux_experts(ensemble, ComfyFluxExpert, executor.class_obj, x, timestep, context, y,
-                                          guidance, ref_latents, transformer_options, kwargs)
+        experts, contexts = _flux_experts(ensemble, executor.class_obj, x, timestep, context, y, guidance,
+                                          ref_latents, transformer_options, kwargs)
         return executor_core.forward(experts, {"contexts": contexts, "hooks": FluxControl(control)},
                                      step_context(transformer_options, ensemble.recorder))
     return afa_flux
@@ -135,8 +148,8 @@ def _flux_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
 
 def _chroma_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
     def afa_chroma(executor, x, timestep, context, guidance, control=None, transformer_options={}, **kwargs):
-        experts, contexts = _flux_experts(ensemble, ComfyChromaExpert, executor.class_obj, x, timestep, context, None,
-                                          guidance, None, transformer_options, kwargs)
+        experts, contexts = _flux_experts(ensemble, executor.class_obj, x, timestep, context, None, guidance,
+                                          None, transformer_options, kwargs)
         return executor_core.forward(experts, {"contexts": contexts, "hooks": FluxControl(control)},
                                      step_context(transformer_options, ensemble.recorder))
     return afa_chroma
@@ -157,8 +170,8 @@ def _mmdit_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
             ys = split_per_model(y, n, layout.adm_dim, "the pooled text vector") if layout.adm_dim else [y] * n
             modules, contexts, ys, patches = _selected(ensemble, modules, contexts, ys,
                                                        _dit_block_patches(ensemble, transformer_options))
-            experts = [ComfyMMDiTExpert(m, x, timesteps, c, yy, transformer_options, p)
-                       for m, c, yy, p in zip(modules, contexts, ys, patches)]
+            experts = dit_experts("mmdit", modules, x, timesteps, contexts, ys, transformer_options=transformer_options,
+                                  patches=patches)
             return executor_core.forward(experts, {"contexts": contexts, "hooks": MMDiTControl(control)},
                                          step_context(transformer_options, ensemble.recorder))
         with swapped_forward(module, forward):
@@ -249,7 +262,7 @@ def build_ensemble(patchers, names, spec: Optional[EnsembleSpec] = None, aggrega
                            f"or a training-free mode such as '{Mode.BLOCK_AVERAGE}'.")
         check_fits(aggregator_file, layout, names, hashes if all(hashes) else None)
         ensemble.aggregator, ensemble.aggregator_patcher = aggregator_patcher(
-            aggregator_file, layout, aggregator_dtype(spec, primary.model_dtype()))
+            aggregator_file, layout, aggregator_dtype(spec, compute_dtype(primary.model)))
         extra.append(ensemble.aggregator_patcher)
     primary.set_additional_models(KEY, [p.clone() if p.model is not primary.model else p for p in extra])
     install(primary, ensemble)
@@ -258,9 +271,17 @@ def build_ensemble(patchers, names, spec: Optional[EnsembleSpec] = None, aggrega
     return primary
 
 
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype an expert computes in: ComfyUI's manual-cast dtype when it casts the stored
+    weights (fp8 storage; fp16/bf16 storage on a device without fast fp16/bf16, e.g. the CPU),
+    else the storage dtype."""
+    return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+
+
 def aggregator_dtype(spec: EnsembleSpec, model_dtype) -> torch.dtype:
-    """The aggregator computes in the spec's precision, else in the experts' dtype (fp32 for
-    storage-only dtypes such as fp8)."""
+    """The aggregator computes in the spec's precision, else in the experts' compute dtype
+    (`compute_dtype`; fp32 for a storage-only dtype such as fp8 that reaches it uncast).
+    Its softmax is computed in fp32 whatever this is (core.sabw.SABWBlock)."""
     if spec.precision in PRECISION_DTYPES:
         return PRECISION_DTYPES[spec.precision]
     return model_dtype if model_dtype in PRECISION_DTYPES.values() else torch.float32
