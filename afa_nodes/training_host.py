@@ -11,7 +11,14 @@ one tensor at a time is duplicated while swapping).
 Data: images -> VAE latents (raw, cached) -> `process_latent_in` of expert 1; captions -> the
 (per-model) CLIP, split per model with `split_per_model`. Both are cached under
 `<dataset>/.afa_cache` (see core.encode_cache), keyed by the encoders' weights. Captions are cut
-to the first 77 tokens (one CLIP chunk) so every sample has the same context shape.
+to the length of the empty caption's encoding (one chunk per text encoder: 77 tokens for CLIP,
+CLIP + T5 for SD3) so every sample has the same context shape.
+
+Objective (`noise_schedule`): the experts' own model sampling: eps-MSE for EPS models; for flow
+models (CONST: SD3, FLUX) x_t = (1 - sigma) x0 + sigma noise, target the velocity noise - x0,
+sigma from the model's shifted sigmas table at a uniform index (docs/dit-ensembles.md). DiTs:
+adapters of ensemble_model.dit_experts bound per call (`TrainingDiT`), y = the pooled text per
+model, guidance-distilled FLUX fed GUIDANCE.
 Crops: center, or `crop_variants` seeded random crops per training image cached once (each
 epoch picks one); validation always uses the center crop. Aspect-ratio buckets (optional):
 each image goes to the bucket nearest its aspect ratio, and batches stay inside a bucket.
@@ -42,6 +49,7 @@ from .core.errors import AFAError, IncompatibleModelsError, TrainingError
 from .core.layout import Layout, check_same_layout, derive_layout
 from .core.train import NoiseSchedule, TrainData
 from .core.train_config import Comm, TrainConfig
+from .training_dit import TrainingDiT, guidance_of, objective_meta, pooled_maker, pooled_width
 
 TOKENS = 77
 CACHE_DIR = ".afa_cache"
@@ -79,13 +87,14 @@ def make_autograd_ready(module: torch.nn.Module) -> int:
 
 
 def noise_schedule(experts) -> NoiseSchedule:
-    """The experts' own discrete schedule from expert 1's model_sampling (eps models only; every
-    expert must predict the same way on the same schedule)."""
+    """The experts' own schedule and prediction from expert 1's model_sampling (EPS or CONST flow
+    with a sigmas table; every expert must predict the same way on the same schedule)."""
     samplings = [p.get_model_object("model_sampling") for p in experts.patchers]
     sampling = samplings[0]
-    if not isinstance(sampling, comfy.model_sampling.EPS) or not hasattr(sampling, "sigmas"):
-        raise TrainingError(f"the models use {type(sampling).__name__}: AFA training needs discrete "
-                            "epsilon-prediction models (SD1.x, SDXL); v-prediction and flow models are not supported yet.")
+    flow = isinstance(sampling, comfy.model_sampling.CONST)
+    if not (flow or isinstance(sampling, comfy.model_sampling.EPS)) or not hasattr(sampling, "sigmas"):
+        raise TrainingError(f"the models use {type(sampling).__name__}: AFA training needs epsilon-prediction "
+                            "(SD1.x, SDXL) or flow-matching (SD3, FLUX) models; v-prediction is not supported yet.")
     with torch.inference_mode(False):
         sigmas = sampling.sigmas.detach().clone().float().cpu()
         for model, other, name in zip(experts.models[1:], samplings[1:], experts.names[1:]):
@@ -96,9 +105,9 @@ def noise_schedule(experts) -> NoiseSchedule:
                 raise IncompatibleModelsError(
                     f"'{name}' predicts {model.model_type.name} on another noise schedule than '{experts.names[0]}' "
                     f"({experts.models[0].model_type.name}); an aggregator is trained for experts of one prediction "
-                    "type and schedule (e.g. all SD1.5 eps fine-tunes).")
+                    "type and schedule (e.g. all SD1.5 eps fine-tunes, or FLUX.1 [dev] fine-tunes of one shift).")
     return NoiseSchedule(sigmas=sigmas, timestep=lambda sigma: sampling.timestep(sigma).float(),
-                         calculate_input=sampling.calculate_input)
+                         calculate_input=sampling.calculate_input, prediction="flow" if flow else "eps")
 
 
 def experts_layout(experts) -> Layout:
@@ -142,9 +151,10 @@ class _Samples:
     """CachedLatentDataset -> core.train samples: model latent, per-model contexts and, with
     `make_ys`, per-model y for the caption and for the empty caption."""
 
-    def __init__(self, dataset: CachedLatentDataset, process_in, n, width, make_ys=None, empty_pooled=None):
+    def __init__(self, dataset: CachedLatentDataset, process_in, n, width, make_ys=None, empty_pooled=None,
+                 tokens=TOKENS):
         self.dataset, self.process_in, self.n, self.width = dataset, process_in, n, width
-        self.make_ys, self.empty_pooled = make_ys, empty_pooled
+        self.make_ys, self.empty_pooled, self.tokens = make_ys, empty_pooled, tokens
 
     def __len__(self):
         return len(self.dataset)
@@ -156,8 +166,9 @@ class _Samples:
         item = self.dataset.at(k, epoch)
         latent = self.process_in(item["latent"][None].float())[0]
         text = item["text"]["clip"]
-        sample = {"latent": latent, "contexts": split_per_model(text["cond"][:TOKENS].float(), self.n, self.width,
-                                                                f"the encoding of caption {item['caption'][:40]!r}")}
+        what = f"the encoding of caption {item['caption'][:40]!r}"
+        sample = {"latent": latent, "contexts": split_per_model(text["cond"][:self.tokens].float(), self.n, self.width,
+                                                                what)}
         if self.make_ys is not None:
             sample["ys"] = self.make_ys(text["pooled"], item)
             sample["empty_ys"] = self.make_ys(self.empty_pooled, item)
@@ -189,14 +200,11 @@ def _encode_texts(clip, pooled: bool):
         out = []
         for caption in captions:
             enc = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)
-            cond = enc["cond"]
-            if cond.shape[1] > TOKENS:
-                logger.warning("caption longer than one CLIP chunk is cut to %d tokens: %r", TOKENS, caption[:60])
-            item = {"cond": cond[0].float().cpu()}
+            item = {"cond": enc["cond"][0].float().cpu()}
             if pooled:
                 if enc.get("pooled_output") is None:
-                    raise TrainingError("the CLIP gives no pooled output, which models with a label input y (SDXL "
-                                        "family) need: use the CLIP of the AFA Ensemble Loader (or AFA CLIP Merge).")
+                    raise TrainingError("the CLIP gives no pooled output, which models with a pooled text input "
+                                        "(SDXL, SD3, FLUX) need: use the models' own text encoders (or AFA CLIP Merge).")
                 item["pooled"] = enc["pooled_output"][0].float().cpu()
             out.append(item)
         return out
@@ -214,7 +222,7 @@ def data_seed(out_path, seed: int, resume: bool) -> int:
 
 
 def _data_meta(dataset: ImageDataset, folder: Path, train_idx, val_idx, variants: int, buckets: bool,
-               adm: bool) -> dict:
+               adm: bool, family: str = "unet") -> dict:
     """The data settings recorded in the aggregator file (and compared on resume)."""
     meta = {"dataset": folder.name, "images": len(dataset.entries), "train_images": len(train_idx),
             "val_images": len(val_idx), "resolution": dataset.resolution, "crop": dataset.crop,
@@ -223,7 +231,8 @@ def _data_meta(dataset: ImageDataset, folder: Path, train_idx, val_idx, variants
         sizes = [f"{e.target[0]}x{e.target[1]}" for e in dataset.entries]
         meta["bucket_images"] = {size: sizes.count(size) for size in sorted(set(sizes))}
     if adm:
-        meta["label_input"] = "pooled text + original size, crop top-left, target size (SDXL)"
+        meta["label_input"] = ("pooled text + original size, crop top-left, target size (SDXL)" if family == "unet"
+                               else "pooled text vector")
     return meta
 
 
@@ -245,7 +254,7 @@ def encode_dataset(experts, clip, vae, config: TrainConfig, seed: Optional[int] 
                        dataset.buckets[0])
     train_idx, val_idx = split_indices(len(dataset.entries), config.val_fraction, seed)
     variants = config.crop_variants if crop == "random" else 1
-    adm = bool(layout.adm_dim)
+    adm = bool(pooled_width(layout))
     others = getattr(clip, "others", [])
     vae_key = f"vae-{_fingerprint(vae.first_stage_model)}"
     clips = [clip] + others
@@ -281,20 +290,28 @@ def encode_dataset(experts, clip, vae, config: TrainConfig, seed: Optional[int] 
     n, width = len(experts.names), layout.context_dim
     process_in = experts.models[0].process_latent_in
     empty_text = texts.get("")
-    make_ys = adm_maker(experts.models[0], n, layout.adm_dim) if adm else None
-    extra = dict(make_ys=make_ys, empty_pooled=empty_text.get("pooled"))
+    tokens = empty_text["cond"].shape[0] if layout.family != "unet" else TOKENS
+    longer = [c for c in set(dataset.captions) if texts.get(c)["cond"].shape[0] > tokens]
+    if longer:
+        logger.warning("%d caption(s) longer than one chunk per text encoder are cut to %d tokens, e.g. %r",
+                       len(longer), tokens, longer[0][:60])
+    make_ys = None
+    if adm:
+        make_ys = (adm_maker(experts.models[0], n, layout.adm_dim) if layout.family == "unet"
+                   else pooled_maker(n, pooled_width(layout)))
+    extra = dict(make_ys=make_ys, empty_pooled=empty_text.get("pooled"), tokens=tokens)
     train_set = CachedLatentDataset(train_lat, {"clip": texts}, train_idx, repeats=True, seed=seed)
     val_set = CachedLatentDataset(val_lat, {"clip": texts}, val_idx, repeats=False, seed=seed)
     train = _Samples(train_set, process_in, n, width, **extra)
     val = _Samples(val_set, process_in, n, width, **extra)
-    empty = split_per_model(empty_text["cond"][:TOKENS].float(), n, width, "the empty caption's encoding")
-    meta = _data_meta(dataset, folder, train_idx, val_idx, variants, buckets, adm)
+    empty = split_per_model(empty_text["cond"][:tokens].float(), n, width, "the empty caption's encoding")
+    meta = _data_meta(dataset, folder, train_idx, val_idx, variants, buckets, adm, layout.family)
     data = TrainData(train=train, val=val, empty_contexts=empty,
                      train_buckets=train_set.buckets, val_buckets=val_set.buckets)
     return data, meta
 
 
-def load_experts(experts) -> list:
+def load_experts(experts, layout: Optional[Layout] = None) -> list:
     """Load every expert fully on the compute device and make it usable by autograd."""
     patchers, seen = [], set()
     for p in experts.patchers:
@@ -306,9 +323,12 @@ def load_experts(experts) -> list:
     for base in experts.models:
         replaced += make_autograd_ready(base.diffusion_model)
         dtype = base.manual_cast_dtype or base.get_dtype()
-        out.append(TrainingExpert(base.diffusion_model, dtype))
+        if layout is not None and layout.family != "unet":
+            out.append(TrainingDiT(base.diffusion_model, layout.family, dtype, guidance_of(layout)))
+        else:
+            out.append(TrainingExpert(base.diffusion_model, dtype))
     if replaced:
-        logger.info("made %d inference tensor(s) of the frozen UNets usable for backprop", replaced)
+        logger.info("made %d inference tensor(s) of the frozen models usable for backprop", replaced)
     return out
 
 
@@ -323,11 +343,12 @@ class Prepared:
     info: list                # [{name, sha256}] per expert
     device: torch.device
     seed: int                 # the seed of the split, crops and draws
+    objective: dict           # the objective's facts recorded in the aggregator file (objective_meta)
 
 
 def prepare(experts, clip, vae, config: TrainConfig, seed: Optional[int] = None, comm: Optional[Comm] = None,
             status: Optional[Callable[[str], None]] = None) -> Prepared:
-    """Checks the experts (one layout, eps prediction), encodes the dataset and loads the experts
+    """Checks the experts (one layout, one eps or flow schedule), encodes the dataset and loads the experts
     for autograd. Call under torch.inference_mode(False)."""
     if clip is None or vae is None:
         raise TrainingError(f"{', '.join(experts.names)}: AFA training needs the CLIP and the VAE of the models "
@@ -338,6 +359,6 @@ def prepare(experts, clip, vae, config: TrainConfig, seed: Optional[int] = None,
     data, data_meta = encode_dataset(experts, clip, vae, config, seed, comm, status, layout)
     if status:
         status(f"loading {len(experts.names)} models for training")
-    loaded = load_experts(experts)
+    loaded = load_experts(experts, layout)
     return Prepared(loaded, layout, data, data_meta, schedule, expert_info(experts),
-                    comfy.model_management.get_torch_device(), seed)
+                    comfy.model_management.get_torch_device(), seed, objective_meta(experts, schedule, layout))

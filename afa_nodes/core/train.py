@@ -1,9 +1,11 @@
 """Training the SABW aggregator (paper section 3.4), host-free: imports nothing from ComfyUI.
 
 Only the aggregator trains; the N experts (objects following `core.ensemble.Expert`) stay
-frozen. Loss: epsilon-MSE of the ensembled prediction, t uniform over the models' own
-schedule (`NoiseSchedule`), caption dropout per SAMPLE (the empty-caption encoding
-replaces the sample's text for every model). AdamW with linear warm-up (`lr_at`),
+frozen. Loss: MSE of the ensembled prediction against the models' own target (`NoiseSchedule`:
+eps for SD1.x/SDXL, the flow-matching velocity noise - x0 for SD3/FLUX), t uniform over the
+models' own (for flow models: shifted) schedule, caption dropout per SAMPLE (the empty-caption
+encoding replaces the sample's text for every model). Experts with `bind` (DiTs) are bound to
+each call's inputs and walked with the family's inputs (`predict`). AdamW with linear warm-up (`lr_at`),
 gradient accumulation, clipping, autocast on CUDA, gradient checkpointing of the frozen
 blocks (the executor's `checkpoint_blocks`).
 
@@ -35,11 +37,12 @@ from .. import logger
 from .aggregator_file import save_aggregator
 from .ensemble import EnsembleExecutor, SABWMixer, uniform_mixer
 from .errors import TrainingError
-from .layout import UNetLayout
+from .family import Layout
 from .sabw import Aggregator, SABWConfig
 from .spec import Mode
 from .train_config import Comm, NoiseSchedule, TrainConfig, amp_dtype, lr_at
 from .train_data import Batch, DataOrder, TrainData, make_batch, validation_batches
+from .train_report import FINAL_LOSS_WINDOW, format_validation
 from .train_state import read_resume_file, read_sidecar, state_path, write_sidecar
 
 __all__ = ["AggregatorTrainer", "Batch", "Comm", "NoiseSchedule", "TrainConfig", "TrainData", "TrainResult",
@@ -47,7 +50,6 @@ __all__ = ["AggregatorTrainer", "Batch", "Comm", "NoiseSchedule", "TrainConfig",
 
 TRAINED_ROW = "AFA aggregator (trained)"   # the validation table's row of the aggregator
 CURVE_POINTS = 200       # loss-curve points kept in the file's metadata
-FINAL_LOSS_WINDOW = 20   # "final train loss" = mean of the last steps' losses
 
 
 @dataclass
@@ -70,7 +72,7 @@ class AggregatorTrainer:
     """One training run. `run()` trains to `config.steps`; the pieces (make_batch,
     compute_gradients, validate) are public for tests and tools."""
 
-    def __init__(self, experts, layout: UNetLayout, data: TrainData, schedule: NoiseSchedule,
+    def __init__(self, experts, layout: Layout, data: TrainData, schedule: NoiseSchedule,
                  config: TrainConfig, out_path=None, expert_info=None, resume=False, device="cpu",
                  comm: Optional[Comm] = None, extra_meta=None):
         self.experts, self.layout, self.data, self.schedule = list(experts), layout, data, schedule
@@ -101,7 +103,11 @@ class AggregatorTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(self.step, config),
                                            weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.executor = EnsembleExecutor(layout, SABWMixer(self.aggregator), checkpoint_blocks=self.checkpointing)
+        own = [e for e in self.experts if hasattr(e, "checkpointing")]  # experts that checkpoint their own blocks
+        for e in own:
+            e.checkpointing = self.checkpointing
+        self.executor = EnsembleExecutor(layout, SABWMixer(self.aggregator),
+                                         checkpoint_blocks=self.checkpointing and not own)
         if resume_file:
             self._load_sidecar()
         self.order = DataOrder(len(data.train), config.batch_size, self.seed, data.train_buckets)
@@ -149,15 +155,15 @@ class AggregatorTrainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def sample_losses(self, batch: Batch, executor=None, experts=None, contexts=None, ys=None):
-        """Per-sample eps-MSE (batch,) of `executor` (default: the trained ensemble)."""
-        sigmas = self.schedule.sigmas.to(self.device)[batch.t].float()
-        x_t = batch.latents + sigmas.view(-1, 1, 1, 1) * batch.noise
-        x_in = self.schedule.model_input(sigmas, x_t)
-        timesteps = self.schedule.model_timestep(batch.t, sigmas)
+        """Per-sample MSE (batch,) of `executor` (default: the trained ensemble) against the target."""
+        s = self.schedule
+        sigmas = s.sigmas.to(self.device)[batch.t].float()
+        x_in = s.model_input(sigmas, s.noised(batch.latents, batch.noise, sigmas))
+        timesteps = s.model_timestep(batch.t, sigmas)
         with self._autocast():
-            pred = (executor or self.executor)(experts or self.experts, x_in, timesteps,
-                                               contexts or batch.contexts, ys if ys is not None else batch.ys)
-        return (pred.float() - batch.noise).square().flatten(1).mean(1)
+            pred = predict(executor or self.executor, experts or self.experts, x_in, timesteps,
+                           contexts or batch.contexts, ys if ys is not None else batch.ys)
+        return (pred.float() - s.target(batch.latents, batch.noise)).square().flatten(1).mean(1)
 
     # ------------------------------------------------------------------ training
     def compute_gradients(self) -> float:
@@ -223,7 +229,7 @@ class AggregatorTrainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validation_loss(self, executor=None, expert_index=None) -> float:
-        """Mean eps-MSE over the validation set (fixed noise and t per sample), sharded over ranks."""
+        """Mean loss over the validation set (fixed noise and t per sample), sharded over ranks."""
         total = torch.zeros((), device=self.device)
         for indices in validation_batches(len(self.data.val), self.config.batch_size, self.comm.rank,
                                           self.comm.world_size, self.data.val_buckets):
@@ -277,7 +283,7 @@ class AggregatorTrainer:
         rows += [{"name": f"{Mode.SINGLE_MODEL.value}: {e['name']}", "loss": loss}
                  for e, loss in zip(self.expert_info, self.reference["single"])]
         return {"step": self.step, "samples": len(self.data.val), "seed": self.seed,
-                "metric": "eps-MSE, fixed noise and timestep per sample", "rows": rows}
+                "metric": f"{self.schedule.objective}, fixed noise and timestep per sample", "rows": rows}
 
     # ------------------------------------------------------------------ files
     def metadata(self, finished: bool) -> dict:
@@ -361,6 +367,15 @@ class AggregatorTrainer:
                     f" -> saved {self.out_path}" if self.out_path is not None else "")
 
 
+def predict(executor, experts, x, timesteps, contexts, ys):
+    """UNet experts take the call's inputs in the walk; per-call adapters (DiTs) are first bound
+    to them (`bind(x, timesteps, context, y)`) and walked with the family's inputs."""
+    if not hasattr(experts[0], "bind"):
+        return executor(experts, x, timesteps, contexts, ys)
+    bound = [e.bind(x, timesteps, c, y) for e, c, y in zip(experts, contexts, ys or [None] * len(experts))]
+    return executor.forward(bound, {"contexts": contexts})
+
+
 def train_aggregator(experts, layout, data, schedule, config, out_path=None, expert_info=None, resume=False,
                      should_stop=None, progress=None, device="cpu", comm=None, extra_meta=None) -> TrainResult:
     """Train (or resume) an aggregator for `experts`; see AggregatorTrainer."""
@@ -381,20 +396,3 @@ def evaluate_aggregator(experts, layout, data, schedule, config, aggregator=None
     if aggregator is not None:
         aggregator = aggregator.to(trainer.device, torch.float32)
     return trainer.validation_table(aggregator)
-
-
-def format_validation(table: Optional[dict], meta: Optional[dict] = None) -> str:
-    """The validation table as text (lower is better)."""
-    meta = meta or {}
-    head = f"AFA aggregator training: step {meta.get('step', '?')}/{meta.get('steps', '?')}"
-    if meta.get("final_train_loss") is not None:
-        head += f", train loss {meta['final_train_loss']:.5f} (mean of the last {FINAL_LOSS_WINDOW} steps)"
-    if not table:
-        return head + "\nNo validation set (validation fraction 0 or fewer than 2 images)."
-    lines = [head, f"Validation at step {table['step']}: {table['samples']} held-out sample(s), "
-                   f"{table['metric']} (lower is better)"]
-    width = max(len(r["name"]) for r in table["rows"])
-    best = min(r["loss"] for r in table["rows"])
-    for r in table["rows"]:
-        lines.append(f"  {r['name']:<{width}}  {r['loss']:.5f}{'  <- best' if r['loss'] == best else ''}")
-    return "\n".join(lines)

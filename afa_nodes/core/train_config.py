@@ -169,12 +169,16 @@ def opt(default, section: str, **metadata):
 
 @dataclass
 class NoiseSchedule:
-    """The models' discrete schedule: `sigmas[t]` for t in 0..T-1 (x_t = x_0 + sigma*eps).
-    `timestep(sigma)` gives what the UNet is fed (default: t itself); `calculate_input(sigma,
-    x_t)` the UNet input (default EPS scaling x_t / sqrt(sigma^2 + 1))."""
+    """The models' discrete schedule: `sigmas[t]` for t in 0..T-1, and what they predict.
+    prediction "eps" (SD1.x/SDXL, ComfyUI's EPS): x_t = x_0 + sigma*eps, target eps, UNet input
+    x_t / sqrt(sigma^2 + 1). "flow" (SD3/FLUX, ComfyUI's CONST): x_t = (1 - sigma) x_0 + sigma*eps,
+    input x_t, target the velocity eps - x_0 (ComfyUI's denoised = x_t - sigma*output).
+    `timestep(sigma)` gives what the model is fed (default: t itself); `calculate_input(sigma,
+    x_t)` the model input (default: the prediction's)."""
     sigmas: torch.Tensor
     timestep: Optional[Callable] = None
     calculate_input: Optional[Callable] = None
+    prediction: str = "eps"
 
     @classmethod
     def scaled_linear(cls, steps=1000, beta_start=0.00085, beta_end=0.012):
@@ -186,9 +190,22 @@ class NoiseSchedule:
     def __len__(self):
         return len(self.sigmas)
 
+    @property
+    def objective(self) -> str:
+        return "flow-matching velocity MSE" if self.prediction == "flow" else "eps-MSE"
+
+    def noised(self, x0, noise, sigma):
+        s = sigma.view(-1, *[1] * (x0.ndim - 1))
+        return (1.0 - s) * x0 + s * noise if self.prediction == "flow" else x0 + s * noise
+
+    def target(self, x0, noise):
+        return noise - x0 if self.prediction == "flow" else noise
+
     def model_input(self, sigma, x_t):
         if self.calculate_input is not None:
             return self.calculate_input(sigma, x_t)
+        if self.prediction == "flow":
+            return x_t
         return x_t / (sigma.view(-1, *[1] * (x_t.ndim - 1)) ** 2 + 1.0) ** 0.5
 
     def model_timestep(self, t, sigma):

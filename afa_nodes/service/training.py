@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 import folder_paths
 
 from .. import training_host
+from ..training_dit import differentiable_rope
 from ..core.aggregator_file import AggregatorFile, check_fits
 from ..core.errors import DatasetError, TrainingError
 from ..core.image_file import to_image
@@ -99,10 +100,10 @@ def train(experts: models.ExpertSet, clip, vae, config: TrainConfig, progress: O
           comm: Optional[Comm] = None) -> TrainResult:
     """Train (or, with config.resume, continue) an aggregator for `experts` (frozen); see the module."""
     config = config.for_run()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), differentiable_rope():
         seed = training_host.data_seed(config.out, config.seed, config.resume)
         run = training_host.prepare(experts, clip, vae, config, seed, comm, status)
-        meta = {"data": run.data_meta, "objective": "eps-MSE", "schedule_steps": len(run.schedule)}
+        meta = {"data": run.data_meta, **run.objective}
         return train_aggregator(run.experts, run.layout, run.data, run.schedule, config, config.out, run.info,
                                 resume=config.resume, should_stop=should_stop, progress=progress, device=run.device,
                                 comm=comm, extra_meta=meta)
