@@ -19,6 +19,13 @@ of each configuration in its own subprocess.
     python benchmarks/inference_cost.py --unet-attention pytorch  # UNets on scaled_dot_product_attention
     python benchmarks/inference_cost.py --memory --models 1 2 3
     python benchmarks/inference_cost.py --quick               # tiny UNet, smoke test
+    python benchmarks/inference_cost.py --dtype bf16 --threads 2  # everything in bf16 on the CPU
+    python benchmarks/inference_cost.py --device cuda --dtype fp16 --arch sdxl --size 1024  # GPU (benchmarks/gpu.sh)
+
+`--device` / `--dtype` put the UNets, the aggregator and the inputs on that device in that
+dtype (the aggregator's softmax stays fp32, as in the pack); on CUDA every clock reading
+synchronises the device first. `--arch sdxl` uses the SDXL UNet (2048-wide text, pooled
+vector); the aggregator is built for the UNet's layout (context and time-embedding widths).
 """
 import argparse
 import collections
@@ -42,25 +49,54 @@ from afa_nodes import logger  # noqa: E402
 
 from unet_configs import BASE, SD15_FULL, SD15_TINY  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# ComfyUI's detected SDXL UNet (model_detection), and a tiny one of the same family for smoke tests
+SDXL_BASE = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                 num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320,
+                 use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+                 use_temporal_attention=False, use_temporal_resblock=False)
+SDXL_FULL = dict(num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4],
+                 transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
+SDXL_TINY = dict(model_channels=64, num_head_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+                 transformer_depth=[0, 0, 1, 1], transformer_depth_middle=1, transformer_depth_output=[0, 0, 1, 1])
+ARCHS = {"sd15": ("SD15", BASE, SD15_FULL, SD15_TINY), "sdxl": ("SDXL", SDXL_BASE, SDXL_FULL, SDXL_TINY)}
 
-def build_unet(config, seed):
+
+def build_unet(config, seed, arch="sd15", device="cpu", dtype=torch.float32):
+    """A UNet of `arch` with random weights, built directly on `device` in `dtype`."""
     import comfy.supported_models
     torch.manual_seed(seed)
-    model = comfy.supported_models.SD15(dict(BASE, **config)).get_model({})
-    unet = model.diffusion_model.eval().requires_grad_(False)
+    family, base = ARCHS[arch][:2]
+    model_config = getattr(comfy.supported_models, family)(dict(base, **config))
+    model_config.set_inference_dtype(dtype, None)
+    unet = model_config.get_model({}, device=device).diffusion_model.eval().requires_grad_(False)
     with torch.no_grad():
         for p in unet.parameters():
             p.normal_(0, 0.02)
     return unet
 
 
-def build_aggregator(layout, n, aggregator_config):
+def build_aggregator(layout, n, aggregator_config, device="cpu", dtype=torch.float32):
     from afa_nodes.core.sabw import Aggregator, SABWConfig
-    agg = Aggregator(layout.point_channels, SABWConfig(n, **aggregator_config)).eval().requires_grad_(False)
+    config = SABWConfig(n, **dict(dict(context_dim=layout.context_dim, time_embed_dim=layout.time_embed_dim),
+                                  **aggregator_config))
+    agg = Aggregator(layout.point_channels, config).eval().requires_grad_(False)
     with torch.no_grad():
         for block in agg.blocks:
             block.conv_out.weight.normal_(0, 0.1)  # non-uniform weights: the real work
-    return agg
+    return agg.to(device, dtype)
+
+
+def make_clock(kind, device):
+    """Seconds now; on CUDA after the queued kernels finished (else a clock measures launches)."""
+    base = time.process_time if kind == "cpu" else time.perf_counter
+    if torch.device(device).type != "cuda":
+        return base
+
+    def clock():
+        torch.cuda.synchronize(device)
+        return base()
+    return clock
 
 
 class AggregatorClock:
@@ -90,10 +126,10 @@ def afa_step(unets, mixer, steps=1):
     from afa_nodes.core.spec import StepContext
     executor = EnsembleExecutor(derive_layout(unets[0]), mixer)
 
-    def run(x, t, c):
+    def run(x, t, c, y=None):
         for k in range(steps):
             experts = [ComfyExpert(u, {}, x, {}) for u in unets]
-            executor(experts, x, t, [c] * len(unets), None, ComfyHooks(None, {}),
+            executor(experts, x, t, [c] * len(unets), [y] * len(unets), ComfyHooks(None, {}),
                      StepContext(sigma=10.0 - k, rows=(0, 1)))
     return run
 
@@ -113,8 +149,14 @@ def parse_args(argv):
     p.add_argument("--memory", action="store_true", help="peak RSS per configuration (subprocesses)")
     p.add_argument("--probe", choices=["single", "afa"], help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="tiny UNet, 64 px, 2 repeats (smoke test)")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="sd15", help="UNet architecture (full size unless --quick)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="UNets', aggregator's and inputs' dtype")
     p.add_argument("--comfyui", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and (args.clock == "cpu" or args.memory):
+        p.error("--clock cpu and --memory measure this process on the CPU; on CUDA use the wall clock, no --memory")
+    return args
 
 
 def setup(args):
@@ -122,12 +164,17 @@ def setup(args):
     boot_comfyui(args.comfyui, extra_args=["--use-pytorch-cross-attention"] if args.unet_attention == "pytorch" else ())
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = SD15_TINY if args.quick else SD15_FULL
+    _, base, full, tiny = ARCHS[args.arch]
+    config = tiny if args.quick else full
     size = 64 if args.quick else args.size
     agg_config = dict(hidden=32, heads=4, depth=1) if args.quick else {}  # paper size by default
-    unets = [build_unet(config, seed) for seed in range(max(args.models))]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    unets = [build_unet(config, seed, args.arch, device, dtype) for seed in range(max(args.models))]
     torch.manual_seed(0)
-    inputs = (torch.randn(2, 4, size // 8, size // 8), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768))
+    adm = dict(base, **config).get("adm_in_channels")
+    inputs = (torch.randn(2, 4, size // 8, size // 8), torch.tensor([500.0, 500.0]),
+              torch.randn(2, 77, base["context_dim"]), torch.randn(2, adm) if adm else None)
+    inputs = tuple(None if v is None else v.to(device, torch.float32 if k == 1 else dtype) for k, v in enumerate(inputs))
     return unets, size, agg_config, inputs
 
 
@@ -135,14 +182,14 @@ def time_steps(args, unets, agg_config, inputs):
     from afa_nodes.core.ensemble import SABWMixer, uniform_mixer
     from afa_nodes.core.layout import derive_layout
     from afa_nodes.core.sabw import count_parameters
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = make_clock(args.clock, args.device)
     layout = derive_layout(unets[0])
     rows = []
-    x, t, c = inputs
+    x, t, c, y = inputs
     for n in args.models:
         if n < 2:
             continue
-        agg = build_aggregator(layout, n, agg_config)
+        agg = build_aggregator(layout, n, agg_config, args.device, DTYPES[args.dtype])
         spent = AggregatorClock(agg, clock)
         variants = {"block-wise average": (afa_step(unets[:n], uniform_mixer(len(layout.points), n)), 1),
                     "SABW": (afa_step(unets[:n], SABWMixer(agg)), 1)}
@@ -150,11 +197,10 @@ def time_steps(args, unets, agg_config, inputs):
             variants[f"SABW map_refresh {k}"] = (afa_step(unets[:n], SABWMixer(agg, refresh_every=k), k), k)
 
         def singles(models=unets[:n]):
-            for u in models:
-                u(x, t, context=c, transformer_options={})
+            return [u(x, t, context=c, y=y, transformer_options={}) for u in models]
         for fn, _ in variants.values():  # warm-up
-            fn(x, t, c)
-        singles()
+            fn(x, t, c, y)
+        finite = all(bool(torch.isfinite(out).all()) for out in singles())
         times = {name: [] for name in ["N single steps", *variants]}
         agg_share = collections.Counter()
         for r in range(args.repeats):  # interleaved, order rotated: the machine's noise hits all alike
@@ -167,7 +213,7 @@ def time_steps(args, unets, agg_config, inputs):
                     times[name].append(clock() - start)
                 else:
                     fn, k = variants[name]
-                    fn(x, t, c)
+                    fn(x, t, c, y)
                     times[name].append((clock() - start) / k)
                     if name == "SABW":
                         agg_share.update({side: s / times[name][-1] for side, s in spent.seconds.items()})
@@ -177,7 +223,8 @@ def time_steps(args, unets, agg_config, inputs):
             rows.append(dict(n=n, variant=name, seconds=statistics.median(values),
                              ratio=statistics.median(values) / base,
                              aggregator_share=sum(share.values()) if name == "SABW" else None,
-                             share_by_side=share if name == "SABW" else None, params=count_parameters(agg)))
+                             share_by_side=share if name == "SABW" else None, params=count_parameters(agg),
+                             finite=finite))
     return rows
 
 
@@ -194,16 +241,17 @@ def probe_memory(args):
     """Subprocess body: build N UNets, run one step of `args.probe`, report RSS in MB as JSON."""
     from afa_nodes.core.ensemble import SABWMixer
     from afa_nodes.core.layout import derive_layout
-    unets, size, agg_config, (x, t, c) = setup(args)
+    unets, size, agg_config, (x, t, c, y) = setup(args)
     n = args.models[0]
-    agg = build_aggregator(derive_layout(unets[0]), n, agg_config) if args.probe == "afa" else None
+    agg = (build_aggregator(derive_layout(unets[0]), n, agg_config, args.device, DTYPES[args.dtype])
+           if args.probe == "afa" else None)
     weights = current_rss_mb()
     with torch.inference_mode():
         if args.probe == "afa":
-            afa_step(unets, SABWMixer(agg))(x, t, c)
+            afa_step(unets, SABWMixer(agg))(x, t, c, y)
         else:
             for u in unets:
-                u(x, t, context=c, transformer_options={})
+                u(x, t, context=c, y=y, transformer_options={})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sys.stdout.write(json.dumps(dict(weights=weights, peak=peak)) + "\n")
 
@@ -215,6 +263,7 @@ def measure_memory(args):
             cmd = [sys.executable, __file__, "--probe", kind, "--models", str(n), "--size", str(args.size)]
             cmd += ["--quick"] * args.quick + (["--comfyui", args.comfyui] if args.comfyui else [])
             cmd += ["--unet-attention", args.unet_attention] + (["--threads", str(args.threads)] if args.threads else [])
+            cmd += ["--arch", args.arch, "--device", args.device, "--dtype", args.dtype]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(dict(n=n, kind=kind, **json.loads(done.stdout.strip().splitlines()[-1])))
     return rows
@@ -232,12 +281,14 @@ def report(args, size, rows, memory):
         params = sorted({(r["n"], r["params"]) for r in rows})
         lines.append("aggregator parameters: " + ", ".join(f"N={n}: {p:,} ({p * 4 / 2**20:.0f} MB fp32)"
                                                           for n, p in params))
+        lines.append("single-model outputs finite: " + ("yes" if all(r["finite"] for r in rows) else "NO"))
     if memory:
         lines += ["", "| N | px | run | RSS after loading MB | peak RSS MB | peak - loaded MB |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {m['n']} | {size} | {'AFA (SABW)' if m['kind'] == 'afa' else 'N single models'} | "
                   f"{m['weights']:.0f} | {m['peak']:.0f} | {m['peak'] - m['weights']:.0f} |" for m in memory]
-    lines.append(f"UNet attention: {args.unet_attention}; aggregator attention: scaled_dot_product_attention")
+    lines.append(f"{args.arch} UNets on {args.device} in {args.dtype} (aggregator softmax fp32); "
+                 f"UNet attention: {args.unet_attention}; aggregator attention: scaled_dot_product_attention")
     logger.info("\n".join(lines))
     logger.info("command: python benchmarks/inference_cost.py %s | %s, torch %s, %d threads, %s",
                 " ".join(sys.argv[1:]), platform.processor() or platform.machine(), torch.__version__,
