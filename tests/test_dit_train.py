@@ -199,3 +199,22 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_dit_blocks(family, s
     assert [h[1] for h in ckpt.history] == pytest.approx([h[1] for h in plain.history], rel=1e-5)
     moved = [v for k, v in plain.aggregator.state_dict().items() if k.endswith("conv_out.weight")]
     assert moved and all(v.abs().sum() > 0 for v in moved)  # zero-initialised, trained by the gradients
+
+
+def test_train_node_trains_an_sd3_ensemble_model(sd3, dataset, comfy_nodes):
+    """AFA Train Aggregator (the V3 node, under inference_mode as ComfyUI runs it) on an AFA MODEL
+    of two SD3 experts: the same service path; the file is an mmdit flow-matching aggregator."""
+    from afa_nodes.ensemble_model import build_ensemble
+    from afa_nodes.service.training import aggregator_save_path
+    e = sd3["experts"]
+    model = build_ensemble(e.patchers, e.names, hashes=e.hashes, sources=e.sources)
+    args = dict(steps=2, batch_size=2, learning_rate=1e-3, resolution=64, seed=0, save_every=0, resume=False,
+                gradient_checkpointing=True, caption_dropout=0.0, validation_fraction=0.34)
+    with torch.inference_mode():
+        out = comfy_nodes["AFATrainAggregator"].execute(model=model, clip=sd3["clip"], vae=sd3["vae"],
+                                                        dataset_folder=dataset.name, save_name="afa_dit_node", **args)
+    agg = load_aggregator(aggregator_save_path("afa_dit_node"))
+    assert agg.layout["family"] == "mmdit" and agg.training["step"] == 2
+    assert agg.training["objective"] == "flow-matching velocity MSE" and agg.training["config"]["gradient_checkpointing"]
+    assert [x["sha256"] for x in agg.experts] == e.hashes
+    assert "flow-matching velocity MSE" in out.result[2]
