@@ -78,13 +78,14 @@ def recorded(env, model):
     return env["ens"].with_recorder(model, lambda point, w, ctx: maps.append(w.detach().clone())), maps
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_copies_equal_the_checkpoint_in_half_precision_in_every_mode(env, dtype):
-    base, clip, _ = load(env, 0, dtype, dtype)
+@pytest.mark.parametrize("storage, dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                            (torch.float8_e4m3fn, torch.bfloat16)], ids=["bf16", "fp16", "fp8-as-bf16"])
+def test_copies_equal_the_checkpoint_in_half_precision_in_every_mode(env, storage, dtype):
+    base, clip, _ = load(env, 0, storage, dtype)
     pos, neg = encode(env, clip, "a red house"), encode(env, clip, "blurry")
     expected = sample(env, base, pos, neg)
     assert torch.isfinite(expected).all() and expected.abs().max() > 0.1
-    agg = random_aggregator(env, env["ens"].build_ensemble([base, base], ["a", "b"]), 2, f"copies-{dtype}.safetensors")
+    agg = random_aggregator(env, env["ens"].build_ensemble([base, base], ["a", "b"]), 2, f"copies-{storage}.safetensors")
     errors = {}
     for mode in MODES:
         model = ensemble(env, [base, base], mode, agg if mode == "aggregator" else None)
