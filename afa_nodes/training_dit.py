@@ -3,7 +3,8 @@
 * `TrainingDiT`: a frozen DiT whose `bind(x, timesteps, context, y)` gives the family's adapter
   for one call (ensemble_model.dit_experts, the code sampling uses), the inputs cast to the
   model's compute dtype as ComfyUI's apply_model casts them; guidance-distilled models
-  (FLUX.1 [dev] and its fine-tunes) get a fixed guidance, GUIDANCE = 3.5 (their default).
+  (FLUX.1 [dev] and its fine-tunes) get a fixed guidance, GUIDANCE = 3.5 (their default);
+  Chroma gets 0, ComfyUI's default for it.
 * `pooled_maker`: y per model = the (per-model) pooled text output (SD3's y, FLUX's vector).
 * `objective_meta`: the objective's facts the aggregator file records.
 * Block calls safe for autograd (`_Blocks`): ComfyUI's FLUX blocks add to their inputs in place
@@ -98,6 +99,9 @@ def objective_meta(experts, schedule: NoiseSchedule, layout: Layout) -> dict:
 
 
 def guidance_of(layout: Layout) -> Optional[float]:
+    """FLUX [dev]-style: GUIDANCE; Chroma: 0 (what ComfyUI feeds it without a FluxGuidance node)."""
+    if layout.family == "chroma":
+        return 0.0
     return GUIDANCE if getattr(layout, "guidance", False) else None
 
 

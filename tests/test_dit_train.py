@@ -106,7 +106,7 @@ def flux_run(flux, dataset, tmp_path_factory):
     return train(flux, dataset, out, steps=30, lr=3e-3, seed=1), out
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
 def test_one_bound_expert_walks_as_comfyuis_apply_model_and_the_target_gives_x0(family, sd3, flux):
     """The training walk of one expert (velocity prediction) is ComfyUI's model: its denoised
     x_t - sigma * v equals apply_model's; the target noise - x0 makes ComfyUI's denoised x0."""
@@ -116,7 +116,7 @@ def test_one_bound_expert_walks_as_comfyuis_apply_model_and_the_target_gives_x0(
     from afa_nodes.service.models import ExpertSet
     from afa_nodes.training_dit import GUIDANCE
     from afa_nodes.training_host import experts_layout, load_experts, noise_schedule
-    patcher = dm.sd3_patcher(3) if family == "sd3" else dm.flux_patcher(3)
+    patcher = {"sd3": dm.sd3_patcher, "flux": dm.flux_patcher, "chroma": dm.chroma_patcher}[family](3)
     one = ExpertSet([patcher], ["m"], [None], [None])
     layout = experts_layout(one)
     schedule = noise_schedule(one)
@@ -124,7 +124,8 @@ def test_one_bound_expert_walks_as_comfyuis_apply_model_and_the_target_gives_x0(
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
     context = torch.randn(2, 77, layout.context_dim, generator=g)
-    y = torch.randn(2, layout.adm_dim if family == "sd3" else layout.vec_dim, generator=g)
+    y = torch.randn(2, layout.adm_dim, generator=g) if family == "sd3" else \
+        torch.randn(2, layout.vec_dim, generator=g) if family == "flux" else None
     t = torch.tensor([100, len(schedule) - 200])
     sigma = schedule.sigmas[t]
     x_t = schedule.noised(x0, noise, sigma)
@@ -134,7 +135,7 @@ def test_one_bound_expert_walks_as_comfyuis_apply_model_and_the_target_gives_x0(
         [expert] = load_experts(one, layout)
         v = predict(EnsembleExecutor(layout, uniform_mixer(len(layout.points), 1)), [expert],
                     schedule.model_input(sigma, x_t), schedule.model_timestep(t, sigma), [context], [y])
-        extra = {"guidance": torch.full((2,), GUIDANCE)} if family == "flux" else {}
+        extra = {"guidance": torch.full((2,), GUIDANCE if family == "flux" else 0.0)} if family != "sd3" else {}
         denoised = patcher.model.apply_model(x_t, sigma, c_crossattn=context, y=y, **extra)
     assert torch.allclose(x_t - sigma.view(-1, 1, 1, 1) * v, denoised, atol=1e-5)
     target = schedule.target(x0, noise)
@@ -218,3 +219,18 @@ def test_train_node_trains_an_sd3_ensemble_model(sd3, dataset, comfy_nodes):
     assert agg.training["objective"] == "flow-matching velocity MSE" and agg.training["config"]["gradient_checkpointing"]
     assert [x["sha256"] for x in agg.experts] == e.hashes
     assert "flow-matching velocity MSE" in out.result[2]
+
+
+def test_chroma_experts_train_with_guidance_0(sd3, dataset, tmp_path):
+    """Chroma (FLUX blocks, modulation from its approximator, no pooled vector): the same path,
+    guidance 0 as ComfyUI feeds it; held-out loss below the block-wise average's."""
+    from afa_nodes.comfy_dit_models import chroma_patcher
+    from afa_nodes.service.models import ExpertSet
+    env = dict(experts=ExpertSet([chroma_patcher(1), chroma_patcher(2)], ["chroma 1", "chroma 2"], [None, None],
+                                 [None, None]), clip=FakeFluxClip(), vae=sd3["vae"])
+    result = train(env, dataset, tmp_path / "chroma.safetensors", steps=30, lr=3e-3, seed=1)
+    trained, average = losses(result)
+    assert trained < average, result.report
+    agg = load_aggregator(tmp_path / "chroma.safetensors")
+    assert agg.layout["family"] == "chroma" and agg.training["guidance"] == 0.0
+    assert agg.training["objective"] == "flow-matching velocity MSE" and "label_input" not in agg.training["data"]
