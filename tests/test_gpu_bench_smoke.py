@@ -25,3 +25,18 @@ def test_gpu_script_runs_on_the_cpu(comfyui_path):
                       r"([\d.]+) \|", out, re.M)
     assert len(rows) == 16 and all(float(s) > 0 and float(r) > 0 for _, s, r in rows)
     assert out.count("single-model outputs finite: yes") == 4
+
+
+def test_full_size_unets_are_sd15_and_sdxl(comfy):
+    """The sizes gpu.sh benchmarks: built on the meta device (no memory), the parameter counts of
+    ComfyUI's SD1.5 (859.5M) and SDXL (2.567B) UNets and their aggregation layouts."""
+    import torch
+    sys.path.insert(0, str(BENCH))
+    import inference_cost
+    from afa_nodes.core.layout import derive_layout
+    for arch, params, points, context in (("sd15", 859_520_964, 25, 768), ("sdxl", 2_567_463_684, 19, 2048)):
+        unet = inference_cost.build_unet(inference_cost.ARCHS[arch][2], 0, arch, torch.device("meta"), torch.float16)
+        layout = derive_layout(unet)
+        assert sum(p.numel() for p in unet.parameters()) == params, arch
+        assert {p.dtype for p in unet.parameters()} == {torch.float16}
+        assert (len(layout.points), layout.context_dim) == (points, context)
