@@ -84,9 +84,7 @@ def _diffusion_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
         n = len(unets)
         contexts = split_per_model(context, n, ensemble.layout.context_dim, "the text context")
         ys = split_adm(y, n, ensemble.layout.adm_dim) if ensemble.layout.adm_dim else [y] * n
-        if ensemble.mode is Mode.SINGLE_MODEL:
-            k = ensemble.spec.single_index
-            unets, contexts, ys = [unets[k]], [contexts[k]], [ys[k]]
+        unets, contexts, ys = _selected(ensemble, unets, contexts, ys)
         experts = [ComfyExpert(u, transformer_options, x, kwargs) for u in unets]
         ctx = step_context(transformer_options, ensemble.recorder)
         return executor_core(experts, x, timesteps, contexts, ys, ComfyHooks(control, transformer_options), ctx)
