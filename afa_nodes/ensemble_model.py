@@ -134,22 +134,27 @@ def _flux_experts(ensemble: Ensemble, module, x, timestep, context, y, guidance,
                        transformer_options, kwargs, patches), contexts
 
 
+def _run_flux(ensemble: Ensemble, executor_core: EnsembleExecutor, executor, x, timestep, context, y, guidance,
+              ref_latents, control, transformer_options, kwargs):
+    """One FLUX-family call (FLUX and Chroma differ only in their forward's signature)."""
+    experts, contexts = _flux_experts(ensemble, executor.class_obj, x, timestep, context, y, guidance,
+                                      ref_latents, transformer_options, kwargs)
+    return executor_core.forward(experts, {"contexts": contexts, "hooks": FluxControl(control)},
+                                 step_context(transformer_options, ensemble.recorder))
+
+
 def _flux_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
     def afa_flux(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                  transformer_options={}, **kwargs):
-        experts, contexts = _flux_experts(ensemble, executor.class_obj, x, timestep, context, y, guidance,
-                                          ref_latents, transformer_options, kwargs)
-        return executor_core.forward(experts, {"contexts": contexts, "hooks": FluxControl(control)},
-                                     step_context(transformer_options, ensemble.recorder))
+        return _run_flux(ensemble, executor_core, executor, x, timestep, context, y, guidance, ref_latents,
+                         control, transformer_options, kwargs)
     return afa_flux
 
 
 def _chroma_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
     def afa_chroma(executor, x, timestep, context, guidance, control=None, transformer_options={}, **kwargs):
-        experts, contexts = _flux_experts(ensemble, executor.class_obj, x, timestep, context, None, guidance,
-                                          None, transformer_options, kwargs)
-        return executor_core.forward(experts, {"contexts": contexts, "hooks": FluxControl(control)},
-                                     step_context(transformer_options, ensemble.recorder))
+        return _run_flux(ensemble, executor_core, executor, x, timestep, context, None, guidance, None,
+                         control, transformer_options, kwargs)
     return afa_chroma
 
 

@@ -43,6 +43,10 @@ class Layout:
         """What must match between experts, and between an aggregator file and a MODEL."""
         raise NotImplementedError
 
+    def points_signature(self) -> list:
+        """[[stage, index, channels], ...]: the points part of every family's signature."""
+        return [[p.stage, p.index, p.channels] for p in self.points]
+
     def weight_group(self, point: AggregationPoint) -> str:
         """Which group of 'fixed weights' ("input" | "middle" | "output") a point belongs to."""
         return "output" if point.stage == "final" else point.stage

@@ -70,7 +70,7 @@ class FluxLayout(Layout):
         return sum(p.stage == "single" for p in self.points)
 
     def signature(self):
-        return {"family": self.family, "points": [[p.stage, p.index, p.channels] for p in self.points],
+        return {"family": self.family, "points": self.points_signature(),
                 "context_dim": self.context_dim, "time_embed_dim": self.time_embed_dim,
                 "vec_dim": self.vec_dim, "guidance": self.guidance, "patch_size": self.patch_size,
                 "global_modulation": self.global_modulation, "text_mixing": self.text_mixing}

@@ -60,7 +60,7 @@ class MMDiTLayout(Layout):
         return sum(p.stage == "joint" for p in self.points)
 
     def signature(self):
-        return {"family": self.family, "points": [[p.stage, p.index, p.channels] for p in self.points],
+        return {"family": self.family, "points": self.points_signature(),
                 "context_dim": self.context_dim, "time_embed_dim": self.time_embed_dim,
                 "adm_dim": self.adm_dim, "patch_size": self.patch_size,
                 "self_attn_blocks": list(self.self_attn_blocks), "text_mixing": self.text_mixing}

@@ -47,7 +47,7 @@ class UNetLayout(Layout):
 
     def signature(self):
         # no "family" key: aggregator files written before families existed must still match
-        return {"points": [[p.stage, p.index, p.channels] for p in self.points],
+        return {"points": self.points_signature(),
                 "context_dim": self.context_dim, "time_embed_dim": self.time_embed_dim,
                 "adm_dim": self.adm_dim}
 
