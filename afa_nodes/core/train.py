@@ -6,8 +6,8 @@ eps for SD1.x/SDXL, the flow-matching velocity noise - x0 for SD3/FLUX), t unifo
 models' own (for flow models: shifted) schedule, caption dropout per SAMPLE (the empty-caption
 encoding replaces the sample's text for every model). Experts with `bind` (DiTs) are bound to
 each call's inputs and walked with the family's inputs (`predict`). AdamW with linear warm-up (`lr_at`),
-gradient accumulation, clipping, autocast on CUDA, gradient checkpointing of the frozen
-blocks (the executor's `checkpoint_blocks`).
+gradient accumulation, clipping, autocast (fp16 with a loss scaler of the trainer's device),
+gradient checkpointing of the frozen blocks (the executor's `checkpoint_blocks`).
 
 Determinism and resume. Every random draw is a pure function of (seed, what, position)
 (core.train_data: the data order of each epoch, aspect-ratio buckets, the noise, timestep
@@ -102,7 +102,7 @@ class AggregatorTrainer:
         self.params = [p for p in self.aggregator.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr_at(self.step, config),
                                            weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         own = [e for e in self.experts if hasattr(e, "checkpointing")]  # experts that checkpoint their own blocks
         for e in own:
             e.checkpointing = self.checkpointing
