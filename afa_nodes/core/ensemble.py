@@ -53,11 +53,15 @@ class SABWMixer(Mixer):
             self._steps += 1
         self._sigma = sigma
 
+    def fresh(self, step: int) -> bool:
+        """Whether step `step` of a run (0 = its first) computes its maps; the others re-use the last ones."""
+        return step % self.refresh_every == 0
+
     def weights(self, point, features, temb, context):
         key = None
         if self._batch is not None:
             key = (self._batch, point, tuple(features.shape))
-            if self._steps % self.refresh_every and key in self._cache:
+            if not self.fresh(self._steps) and key in self._cache:
                 return self._cache[key]
         p = next(self.aggregator.parameters())
         temb = temb if self.time_input else torch.zeros_like(temb)
