@@ -19,6 +19,7 @@ import comfy.patcher_extension
 from . import logger
 from .comfy_flux import ComfyChromaExpert, ComfyFluxExpert, FluxControl
 from .comfy_mmdit import ComfyMMDiTExpert, MMDiTControl, swapped_forward
+from .comfy_qwen import ComfyQwenExpert, QwenControl, forward_arguments
 from .comfy_unet import ComfyExpert, ComfyHooks, split_adm, split_per_model
 from .core.aggregator_file import check_fits
 from .core.ensemble import EnsembleExecutor, mixer_for
@@ -117,6 +118,8 @@ def dit_experts(family: str, modules, x, timesteps, contexts, ys, guidance=None,
     if family == "mmdit":
         return [ComfyMMDiTExpert(m, x, timesteps, c, y, options, p)
                 for m, c, y, p in zip(modules, contexts, ys, patches)]
+    if family == "qwen":   # kwargs: the rest of the model's _forward call by name (comfy_qwen)
+        return [ComfyQwenExpert(m, x, timesteps, c, options, kwargs, p) for m, c, p in zip(modules, contexts, patches)]
     expert_class = ComfyChromaExpert if family == "chroma" else ComfyFluxExpert
     return [expert_class(m, x, timesteps, c, y, guidance, ref_latents, options, kwargs, p)
             for m, c, y, p in zip(modules, contexts, ys, patches)]
@@ -182,11 +185,28 @@ def _mmdit_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
     return afa_mmdit_apply
 
 
+def _qwen_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
+    """Qwen-Image: its `_forward`'s arguments by name (their order differs between ComfyUI versions)."""
+    def afa_qwen(executor, x, timestep, context, *args, **kwargs):
+        module = executor.class_obj
+        call = forward_arguments(module, x, timestep, context, *args, **kwargs)
+        options = call.get("transformer_options") or {}
+        modules = [module] + [m.diffusion_model for m in ensemble.models[1:]]
+        contexts = split_per_model(context, len(modules), ensemble.layout.context_dim, "the text context")
+        modules, contexts, patches = _selected(ensemble, modules, contexts, _dit_block_patches(ensemble, options))
+        experts = dit_experts("qwen", modules, x, timestep, contexts, [None] * len(modules),
+                              transformer_options=options, kwargs=call, patches=patches)
+        return executor_core.forward(experts, {"contexts": contexts, "hooks": QwenControl(call.get("control"))},
+                                     step_context(options, ensemble.recorder))
+    return afa_qwen
+
+
 # family -> (the wrapper kind ComfyUI calls, the wrapper factory)
 ENTRIES = {"unet": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _diffusion_wrapper),
            "flux": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _flux_wrapper),
            "chroma": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _chroma_wrapper),
-           "mmdit": (comfy.patcher_extension.WrappersMP.APPLY_MODEL, _mmdit_wrapper)}
+           "mmdit": (comfy.patcher_extension.WrappersMP.APPLY_MODEL, _mmdit_wrapper),
+           "qwen": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _qwen_wrapper)}
 
 
 def _prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):

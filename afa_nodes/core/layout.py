@@ -1,26 +1,29 @@
 """Which family a diffusion model belongs to, its layout derived from its own structure, and
 whether experts match. Families: "unet" (LDM UNets: SD1.x, SD2.x, SDXL, core/unet.py),
 "flux" (FLUX.1 dev/schnell and fine-tunes) and "chroma" (core/flux.py), "mmdit" (SD3/SD3.5,
-core/mmdit.py).
+core/mmdit.py), "qwen" (Qwen-Image, core/qwen.py).
 A new family adds its `matches` / `derive` pair to FAMILIES (see core/family.py for what a
 family provides).
 """
 from torch import nn
 
-from . import flux, mmdit, unet
+from . import flux, mmdit, qwen, unet
 from .errors import IncompatibleModelsError
 from .family import AggregationPoint, Layout, signature_family  # noqa: F401  (the layout vocabulary)
 from .flux import ChromaLayout, FluxLayout  # noqa: F401
 from .mmdit import MMDiTLayout  # noqa: F401
+from .qwen import QwenLayout  # noqa: F401
 from .unet import UNetLayout  # noqa: F401
 
 # (matches(model) -> bool, derive(model, what) -> Layout), tried in order
 FAMILIES = [(unet.matches, unet.derive_unet_layout),
             (flux.matches, flux.derive_flux_layout),
             (flux.matches_chroma, flux.derive_chroma_layout),
-            (mmdit.matches, mmdit.derive_mmdit_layout)]
+            (mmdit.matches, mmdit.derive_mmdit_layout),
+            (qwen.matches, qwen.derive_qwen_layout)]
 FAMILY_NAMES = {"unet": "an LDM UNet (SD1.x, SD2.x, SDXL)", "flux": "a FLUX model (FLUX.1 dev/schnell, fine-tunes)",
-                "chroma": "a Chroma model", "mmdit": "an MMDiT (SD3, SD3.5)"}
+                "chroma": "a Chroma model", "mmdit": "an MMDiT (SD3, SD3.5)",
+                "qwen": "a Qwen-Image model"}
 
 
 def derive_layout(model: nn.Module, what: str = "model") -> Layout:
