@@ -1,4 +1,4 @@
-"""The DiT families' pieces of training (FLUX, Chroma, SD3/MMDiT), for training_host.
+"""The DiT families' pieces of training (FLUX, Chroma, SD3/MMDiT, Qwen-Image), for training_host.
 
 * `TrainingDiT`: a frozen DiT whose `bind(x, timesteps, context, y)` gives the family's adapter
   for one call (ensemble_model.dit_experts, the code sampling uses), the inputs cast to the
@@ -128,11 +128,18 @@ def _apply_rope(xq, xk, freqs_cis):
 
 @contextmanager
 def differentiable_rope():
-    """FLUX attention with a rope autograd can differentiate, for the duration of the block."""
+    """FLUX (and Qwen-Image, whose module binds FLUX's apply_rope1 at import in ComfyUI >= 0.4)
+    attention with a rope autograd can differentiate, for the duration of the block."""
     import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.qwen_image.model as qwen_model
     saved = flux_math.apply_rope, flux_math.apply_rope1
+    qwen_saved = getattr(qwen_model, "apply_rope1", None)
     flux_math.apply_rope, flux_math.apply_rope1 = _apply_rope, _apply_rope1
+    if qwen_saved is not None:
+        qwen_model.apply_rope1 = _apply_rope1
     try:
         yield
     finally:
         flux_math.apply_rope, flux_math.apply_rope1 = saved
+        if qwen_saved is not None:
+            qwen_model.apply_rope1 = qwen_saved

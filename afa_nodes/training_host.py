@@ -236,6 +236,20 @@ def _data_meta(dataset: ImageDataset, folder: Path, train_idx, val_idx, variants
     return meta
 
 
+def latent_io(base_model, encode):
+    """(VAE encode, process_latent_in) for training on (B, C, h, w) latents. A model whose latent
+    format has a frame axis (Qwen-Image: Wan 2.1 latents, one frame per image) gets single-frame
+    VAE latents without it, and the axis added around its process_latent_in; its experts run
+    4-D latents as one frame (comfy_qwen)."""
+    if getattr(base_model.latent_format, "latent_dimensions", 2) != 3:
+        return encode, base_model.process_latent_in
+
+    def encode_frame(images):
+        latent = encode(images)
+        return latent[:, :, 0] if latent.ndim == 5 and latent.shape[2] == 1 else latent
+    return encode_frame, lambda latent: base_model.process_latent_in(latent.unsqueeze(2)).squeeze(2)
+
+
 def encode_dataset(experts, clip, vae, config: TrainConfig, seed: Optional[int] = None, comm: Optional[Comm] = None,
                    status: Optional[Callable[[str], None]] = None, layout: Optional[Layout] = None):
     """config.dataset -> (TrainData, data metadata), with config's resolution, split, crops and
@@ -264,16 +278,17 @@ def encode_dataset(experts, clip, vae, config: TrainConfig, seed: Optional[int] 
     clip_key = f"clip-{len(clips)}-{_fingerprint(*[c.cond_stage_model for c in clips], extra=settings)}"
     clip_key += "-pooled" if adm else ""
     say = status or (lambda text: None)
+    encode, process_in = latent_io(experts.models[0], vae.encode)
 
     def build():
         say(f"encoding {len(dataset.entries)} image(s) with the VAE"
             + (f" ({variants} random crops per training image)" if crop == "random" else ""))
         if crop == "center":
-            train_lat = val_lat = build_latent_cache(dataset, vae.encode, vae_key, cache_dir)
+            train_lat = val_lat = build_latent_cache(dataset, encode, vae_key, cache_dir)
         else:
-            train_lat = build_latent_cache(dataset, vae.encode, vae_key, cache_dir, crop_variants=variants,
+            train_lat = build_latent_cache(dataset, encode, vae_key, cache_dir, crop_variants=variants,
                                            indices=train_idx)
-            val_lat = build_latent_cache(dataset.with_crop("center"), vae.encode, vae_key, cache_dir,
+            val_lat = build_latent_cache(dataset.with_crop("center"), encode, vae_key, cache_dir,
                                          indices=val_idx)
         say(f"encoding {len(set(dataset.captions))} caption(s) with {len(others) + 1} text encoder(s)")
         texts = build_text_cache(dataset.captions, _encode_texts(clip, adm), clip_key, cache_dir)
@@ -288,7 +303,6 @@ def encode_dataset(experts, clip, vae, config: TrainConfig, seed: Optional[int] 
         built = build()
     train_lat, val_lat, texts = built
     n, width = len(experts.names), layout.context_dim
-    process_in = experts.models[0].process_latent_in
     empty_text = texts.get("")
     tokens = empty_text["cond"].shape[0] if layout.family != "unet" else TOKENS
     longer = [c for c in set(dataset.captions) if texts.get(c)["cond"].shape[0] > tokens]
