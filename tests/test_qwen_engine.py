@@ -6,7 +6,8 @@ latents of one frame). No server test: ComfyUI's only text encoder of Qwen-Image
 context is Qwen2.5-VL 7B, and detection fixes the model's width at 3072."""
 import pytest
 import torch
-from test_dit_engine import aggregator_file, ensemble   # noqa: F401  (one helper for every DiT family)
+from test_dit_cost import counted_attention, flops  # noqa: F401  (a fixture)
+from test_dit_engine import aggregator_file, ensemble  # one helper for every DiT family
 
 pytestmark = pytest.mark.comfyui
 
@@ -194,3 +195,18 @@ def test_maps_of_a_qwen_ensemble_are_token_grids(qwen, tmp_path):
     assert set(map(tuple, info["sizes"].values())) == {(6, 8)}
     grids = preview.images[0]
     assert grids.shape[0] == 3 and float(grids.std()) > 0
+
+
+def test_expert_macs_match_the_flop_counter_and_the_real_size_row(qwen, counted_attention):
+    """core/dit_cost's Qwen-Image row: the MAC formula equals torch's FLOP counter on ComfyUI's
+    own module up to the per-sample modulation it leaves out; real Qwen-Image (60 blocks of
+    width 3072, 3584-wide text): 61 points, the aggregator's size and share of one expert at 1024 px."""
+    from afa_nodes.core.dit_cost import REAL_MODELS, DiTSize, cost_row, expert_macs
+    m = qwen["models"].qwen_patcher(1, attention_head_dim=64, axes_dims_rope=(16, 24, 24)).model.diffusion_model
+    x, c = torch.randn(1, 16, 1, 16, 24), torch.randn(1, 20, CONTEXT)
+    counted = flops(lambda: m(x, torch.tensor([0.5]), c, transformer_options={}))
+    size = DiTSize("qwen", 128, 2, text_tokens=20, context_dim=CONTEXT)
+    assert 0.97 < 2 * expert_macs(size, size.grid_tokens(24 * 8, 16 * 8)) / counted <= 1.0
+    row = cost_row("Qwen-Image", REAL_MODELS["Qwen-Image"], num_models=2)
+    assert (row["points"], row["aggregator_parameters"]) == (61, 239_466_496)
+    assert 60 < row["expert_tflops"] < 80 and row["share_of_one_expert"] < 0.03
