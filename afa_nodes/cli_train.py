@@ -6,6 +6,14 @@ from core.train_config.TrainConfig (one flag per field the CLI shows, dest = the
     python -m afa_nodes train --checkpoint a.safetensors --checkpoint b.safetensors \
         --data my_images/ --out models/afa/mine.safetensors --steps 1000 --batch-size 8
 
+DiTs shared as split files (FLUX, SD3.5, Chroma, ...): the diffusion models, their text encoders
+with the type ComfyUI's "Load CLIP" / DualCLIPLoader would use, and the VAE (names from
+ComfyUI's models/diffusion_models, text_encoders and vae folders, or paths):
+
+    python -m afa_nodes train --diffusion-model flux_a.safetensors flux_b.safetensors \
+        --clip clip_l.safetensors t5xxl_fp16.safetensors --clip-type flux --vae ae.safetensors \
+        --data my_images/ --out models/afa/flux_mine.safetensors
+
 Data parallel: launch with torchrun, e.g. `torchrun --nproc_per_node 2 -m afa_nodes train ...`
 (gloo on CPU, nccl on GPU). `--batch-size` is the GLOBAL batch: each rank takes a shard of
 every micro-batch and the aggregator gradients are summed over ranks, so the result matches
@@ -23,13 +31,27 @@ from .core.errors import AFAError
 from .core.train_config import CLI, RUN_NEEDS, TrainConfig, options
 
 EXIT_ERROR, EXIT_CANCELLED = 2, 130
+# ComfyUI's CLIP loader types for --clip-type ("auto": the one of the experts' family)
+CLIP_TYPES = ("auto", "flux", "sd3", "chroma", "qwen_image", "stable_diffusion", "sdxl")
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    """--checkpoint and --comfyui, then one flag per TrainConfig field the CLI shows (its Opt:
-    flag, help, choices; the field's default; dest = the field's name)."""
-    parser.add_argument("--checkpoint", action="append", required=True, metavar="FILE", type=os.path.expanduser,
+    """The experts (--checkpoint, or --diffusion-model with --clip, --clip-type, --vae) and
+    --comfyui, then one flag per TrainConfig field the CLI shows (its Opt: flag, help, choices;
+    the field's default; dest = the field's name)."""
+    parser.add_argument("--checkpoint", action="append", metavar="FILE", type=os.path.expanduser,
                         help="a checkpoint of the ensemble (give 2-6, in order)")
+    parser.add_argument("--diffusion-model", action="extend", nargs="+", metavar="FILE", type=os.path.expanduser,
+                        help="instead of --checkpoint: 2-6 diffusion model files (models/diffusion_models, as "
+                             "'Load Diffusion Model' reads them), in order; needs --clip and --vae")
+    parser.add_argument("--clip", action="extend", nargs="+", metavar="FILE", type=os.path.expanduser,
+                        help="the text encoder file(s) shared by the --diffusion-model experts (models/text_encoders; "
+                             "FLUX: clip_l t5xxl, SD3/SD3.5: clip_l clip_g t5xxl)")
+    parser.add_argument("--clip-type", choices=CLIP_TYPES, default="auto",
+                        help="the text encoders' type, as in ComfyUI's Load CLIP / DualCLIPLoader (default: auto, "
+                             "from the experts' family)")
+    parser.add_argument("--vae", metavar="FILE", type=os.path.expanduser,
+                        help="the VAE file of the --diffusion-model experts (models/vae; FLUX: ae.safetensors)")
     for f in options(CLI):
         o = f.metadata["afa"]
         kind = o.kind_of(f)
@@ -49,6 +71,33 @@ def add_arguments(parser: argparse.ArgumentParser):
 def config_from_args(args) -> TrainConfig:
     """Parsed flags -> the checked TrainConfig (ConfigError naming the flag otherwise)."""
     return TrainConfig(**{f.name: getattr(args, f.name) for f in options(CLI)})
+
+
+def check_sources(args):
+    """Checkpoints, or diffusion models with their text encoders and VAE: AFAError naming the flags otherwise."""
+    if args.checkpoint and args.diffusion_model:
+        raise AFAError("give either --checkpoint files or --diffusion-model files, not both: an ensemble is of one kind.")
+    if args.checkpoint:
+        if args.clip or args.vae or args.clip_type != "auto":
+            raise AFAError("--clip, --clip-type and --vae go with --diffusion-model: a checkpoint carries its own "
+                           "text encoder and VAE.")
+    elif args.diffusion_model:
+        missing = [flag for flag, value in (("--clip", args.clip), ("--vae", args.vae)) if not value]
+        if missing:
+            raise AFAError(f"--diffusion-model files need {' and '.join(missing)}: the text encoder file(s) and the VAE "
+                           "the models were made for (e.g. FLUX: --clip clip_l.safetensors t5xxl_fp16.safetensors "
+                           "--vae ae.safetensors).")
+    else:
+        raise AFAError("give the models: 2-6 --checkpoint files, or --diffusion-model files with --clip and --vae.")
+
+
+def experts_from_args(args):
+    """(ExpertSet, CLIP, VAE) of the flags, through the service layer (ComfyUI booted)."""
+    from .service import models
+
+    if args.checkpoint:
+        return models.experts_from_files(args.checkpoint)
+    return models.experts_from_split_files(args.diffusion_model, args.clip, args.vae, args.clip_type)
 
 
 def _distributed():
@@ -74,15 +123,16 @@ def _run(args, rank, world, local_rank) -> int:
     from . import comfy_env
 
     config = config_from_args(args).for_run()  # bad flags fail before ComfyUI boots
+    check_sources(args)
     cuda = torch.cuda.is_available()
     comfy_env.boot_comfyui(args.comfyui, extra_args=["--cuda-device", str(local_rank)] if cuda and world > 1 else ())
     if world > 1:
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         from .core.train_config import Comm
-        from .service import models, training
+        from .service import training
 
-        experts, clip, vae = models.experts_from_files(args.checkpoint)
+        experts, clip, vae = experts_from_args(args)
         stop = {"flag": False}
         previous = signal.getsignal(signal.SIGINT)
 
