@@ -56,7 +56,7 @@ def test_walk_over_one_model_equals_its_forward(qwen):
     calls = []
 
     def replace(args, extra):
-        calls.append(args["transformer_options"]["block_index"])
+        calls.append(1)
         out = extra["original_block"](args)    # not a per-token scale or shift: norm_out would undo those
         return {"img": out["img"] + out["img"].roll(1, -1), "txt": out["txt"]}
 
@@ -210,3 +210,25 @@ def test_expert_macs_match_the_flop_counter_and_the_real_size_row(qwen, counted_
     row = cost_row("Qwen-Image", REAL_MODELS["Qwen-Image"], num_models=2)
     assert (row["points"], row["aggregator_parameters"]) == (61, 239_466_496)
     assert 60 < row["expert_tflops"] < 80 and row["share_of_one_expert"] < 0.03
+
+
+@pytest.mark.slow
+def test_a_qwen_image_detected_from_its_weights(qwen):
+    """The smallest state dict ComfyUI detects as Qwen-Image (width 3072, 3584-wide text, one
+    block, ~0.4 B parameters): loaded as "Load Diffusion Model" loads it, its layout comes from the
+    loaded module, the walk reproduces its forward and two copies reproduce it."""
+    import comfy.sd as comfy_sd
+    from afa_nodes.core.layout import derive_layout
+    patcher = comfy_sd.load_diffusion_model_state_dict(qwen["models"].qwen_state_dict(7))
+    assert type(patcher.model).__name__ == "QwenImage"
+    m = patcher.model.diffusion_model
+    layout = derive_layout(m)
+    assert layout.point_names == ["joint 0", "final"] and (layout.time_embed_dim, layout.context_dim) == (3072, 3584)
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(1, 16, 1, 4, 6, generator=g), torch.tensor([0.5]), torch.randn(1, 5, 3584, generator=g)
+    with torch.inference_mode():
+        assert torch.equal(walk(m, x, t, c), m(x, t, c, transformer_options={}))
+    cond = ([[c, {}]], [[c * 0, {}]], 2.0)
+    single = sample(qwen, patcher, steps=2, cond=cond, latent=(1, 16, 4, 6))
+    copies = sample(qwen, ensemble(qwen, [patcher, patcher.clone()]), steps=2, cond=cond, latent=(1, 16, 4, 6))
+    assert (copies - single).abs().max() <= 1e-5
