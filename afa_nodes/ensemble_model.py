@@ -118,7 +118,7 @@ def dit_experts(family: str, modules, x, timesteps, contexts, ys, guidance=None,
     if family == "mmdit":
         return [ComfyMMDiTExpert(m, x, timesteps, c, y, options, p)
                 for m, c, y, p in zip(modules, contexts, ys, patches)]
-    if family == "qwen":   # kwargs: the rest of the model's _forward call by name (comfy_qwen)
+    if family == "qwen_image":   # kwargs: the rest of the model's _forward call by name (comfy_qwen)
         return [ComfyQwenExpert(m, x, timesteps, c, options, kwargs, p) for m, c, p in zip(modules, contexts, patches)]
     expert_class = ComfyChromaExpert if family == "chroma" else ComfyFluxExpert
     return [expert_class(m, x, timesteps, c, y, guidance, ref_latents, options, kwargs, p)
@@ -194,7 +194,7 @@ def _qwen_wrapper(ensemble: Ensemble, executor_core: EnsembleExecutor):
         modules = [module] + [m.diffusion_model for m in ensemble.models[1:]]
         contexts = split_per_model(context, len(modules), ensemble.layout.context_dim, "the text context")
         modules, contexts, patches = _selected(ensemble, modules, contexts, _dit_block_patches(ensemble, options))
-        experts = dit_experts("qwen", modules, x, timestep, contexts, [None] * len(modules),
+        experts = dit_experts("qwen_image", modules, x, timestep, contexts, [None] * len(modules),
                               transformer_options=options, kwargs=call, patches=patches)
         return executor_core.forward(experts, {"contexts": contexts, "hooks": QwenControl(call.get("control"))},
                                      step_context(options, ensemble.recorder))
@@ -206,7 +206,7 @@ ENTRIES = {"unet": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _diffusi
            "flux": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _flux_wrapper),
            "chroma": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _chroma_wrapper),
            "mmdit": (comfy.patcher_extension.WrappersMP.APPLY_MODEL, _mmdit_wrapper),
-           "qwen": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _qwen_wrapper)}
+           "qwen_image": (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _qwen_wrapper)}
 
 
 def _prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):

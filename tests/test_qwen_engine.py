@@ -77,7 +77,7 @@ def test_layout_derived_from_the_module_structure(qwen):
     from afa_nodes.core.layout import derive_layout
     layout = derive_layout(qwen["experts"][0].model.diffusion_model)
     deeper = derive_layout(qwen["models"].qwen_patcher(1, num_layers=3).model.diffusion_model)
-    assert layout.family == "qwen" and layout.point_names == ["joint 0", "joint 1", "final"]
+    assert layout.family == "qwen_image" and layout.point_names == ["joint 0", "joint 1", "final"]
     assert layout.point_channels == [64, 64, 64] and (layout.context_dim, layout.adm_dim) == (CONTEXT, 0)
     assert deeper.num_blocks == 3 and deeper.signature() != layout.signature()
     assert [layout.weight_group(p) for p in layout.points] == ["input", "middle", "output"]
@@ -172,7 +172,7 @@ def test_other_families_raise_typed_errors_naming_both(qwen, tmp_path):
     with pytest.raises(IncompatibleModelsError, match="'model 2' is a Qwen-Image model but 'model 1' is an MMDiT"):
         ensemble(qwen, [sd3, qwen["experts"][0]])
     flux_agg = aggregator_file(qwen, tmp_path, ensemble(qwen, flux), 2, "flux_two.safetensors")
-    with pytest.raises(AggregatorMismatchError, match="trained for flux models, this ensemble is of qwen"):
+    with pytest.raises(AggregatorMismatchError, match="trained for flux models, this ensemble is of qwen_image"):
         ensemble(qwen, qwen["experts"], "aggregator", flux_agg)
     deeper = qwen["models"].qwen_patcher(3, num_layers=3)
     with pytest.raises(IncompatibleModelsError, match="'model 2' does not match 'model 1' .*points"):
@@ -205,7 +205,7 @@ def test_expert_macs_match_the_flop_counter_and_the_real_size_row(qwen, counted_
     m = qwen["models"].qwen_patcher(1, attention_head_dim=64, axes_dims_rope=(16, 24, 24)).model.diffusion_model
     x, c = torch.randn(1, 16, 1, 16, 24), torch.randn(1, 20, CONTEXT)
     counted = flops(lambda: m(x, torch.tensor([0.5]), c, transformer_options={}))
-    size = DiTSize("qwen", 128, 2, text_tokens=20, context_dim=CONTEXT)
+    size = DiTSize("qwen_image", 128, 2, text_tokens=20, context_dim=CONTEXT)
     assert 0.97 < 2 * expert_macs(size, size.grid_tokens(24 * 8, 16 * 8)) / counted <= 1.0
     row = cost_row("Qwen-Image", REAL_MODELS["Qwen-Image"], num_models=2)
     assert (row["points"], row["aggregator_parameters"]) == (61, 239_466_496)

@@ -83,8 +83,8 @@ def test_the_file_loads_into_qwen_experts_and_is_refused_by_flux(qwen, qwen_run)
     from afa_nodes.core.spec import EnsembleSpec, Mode
     from afa_nodes.ensemble_model import build_ensemble, get_ensemble
     agg = load_aggregator(qwen_run[1])
-    assert agg.layout["family"] == "qwen"
+    assert agg.layout["family"] == "qwen_image"
     e, spec = qwen["experts"], EnsembleSpec(mode=Mode.AGGREGATOR)
     assert get_ensemble(build_ensemble(e.patchers, e.names, spec, agg, e.hashes)).aggregator is not None
-    with pytest.raises(AFAError, match="trained for qwen models, this ensemble is of flux"):
+    with pytest.raises(AFAError, match="trained for qwen_image models, this ensemble is of flux"):
         build_ensemble([flux_patcher(1), flux_patcher(2)], ["flux 1", "flux 2"], spec, agg)

@@ -16,7 +16,7 @@ from .sabw import SABWConfig
 class DiTSize:
     """A DiT's size. kind "flux": `double` double-stream + `single` single-stream blocks;
     kind "mmdit": `double` joint blocks (`self_attn_blocks` of them with SD3.5's extra image
-    self-attention); kind "qwen": `double` double-stream blocks (both streams updated in every
+    self-attention); kind "qwen_image": `double` double-stream blocks (both streams updated in every
     block, as FLUX's double blocks)."""
     kind: str
     hidden: int
@@ -44,7 +44,7 @@ REAL_MODELS = {
     "SD3.5 large": DiTSize("mmdit", 2432, 38, text_tokens=154),
     "SD3.5 medium": DiTSize("mmdit", 1536, 24, text_tokens=154, self_attn_blocks=13),
     # Qwen2.5-VL text is not padded: 128 tokens stands for a ~90-word prompt
-    "Qwen-Image": DiTSize("qwen", 3072, 60, text_tokens=128, context_dim=3584),
+    "Qwen-Image": DiTSize("qwen_image", 3072, 60, text_tokens=128, context_dim=3584),
 }
 
 

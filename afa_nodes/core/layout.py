@@ -1,7 +1,7 @@
 """Which family a diffusion model belongs to, its layout derived from its own structure, and
 whether experts match. Families: "unet" (LDM UNets: SD1.x, SD2.x, SDXL, core/unet.py),
 "flux" (FLUX.1 dev/schnell and fine-tunes) and "chroma" (core/flux.py), "mmdit" (SD3/SD3.5,
-core/mmdit.py), "qwen" (Qwen-Image, core/qwen.py).
+core/mmdit.py), "qwen_image" (Qwen-Image, core/qwen.py).
 A new family adds its `matches` / `derive` pair to FAMILIES (see core/family.py for what a
 family provides).
 """
@@ -23,7 +23,7 @@ FAMILIES = [(unet.matches, unet.derive_unet_layout),
             (qwen.matches, qwen.derive_qwen_layout)]
 FAMILY_NAMES = {"unet": "an LDM UNet (SD1.x, SD2.x, SDXL)", "flux": "a FLUX model (FLUX.1 dev/schnell, fine-tunes)",
                 "chroma": "a Chroma model", "mmdit": "an MMDiT (SD3, SD3.5)",
-                "qwen": "a Qwen-Image model"}
+                "qwen_image": "a Qwen-Image model"}
 
 
 def derive_layout(model: nn.Module, what: str = "model") -> Layout:

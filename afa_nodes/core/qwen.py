@@ -25,7 +25,7 @@ class QwenLayout(MMDiTLayout):
     (txt_in input; Qwen2.5-VL 7B: 3584); additional_t_cond: Qwen-Image-Layered's extra time
     embedding."""
     additional_t_cond: bool = False
-    family = "qwen"
+    family = "qwen_image"
 
     def signature(self):
         return {"family": self.family, "points": self.points_signature(), "context_dim": self.context_dim,
