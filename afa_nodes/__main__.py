@@ -1,4 +1,4 @@
-"""Command line: python -m afa_nodes {generate,train,bench,studio} ...
+"""Command line: python -m afa_nodes {generate,train,winmap,bench,studio} ...
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`.
 """
@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS = {
     "generate": ("afa_nodes.cli_generate", "run an AFA ensemble through ComfyUI and write the image"),
     "train": ("afa_nodes.cli_train", "train an aggregator on a folder of captioned images"),
+    "winmap": ("afa_nodes.cli_winmap", "which model denoises best where (win maps), and held-out evaluation"),
     "bench": ("afa_nodes.cli_bench", "run the benchmarks (quick versions by default)"),
     "studio": ("afa_nodes.studio.cli", "serve AFA Studio, a web UI to generate, train and explore maps"),
 }

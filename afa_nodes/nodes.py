@@ -21,7 +21,7 @@ import sys
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import logger, nodes_ensemble, nodes_maps, nodes_train
+from . import logger, nodes_ensemble, nodes_maps, nodes_train, nodes_winmap
 from .service.models import register_afa_folder
 
 
@@ -31,7 +31,7 @@ def node_classes() -> list:
     if train is None:
         raise ImportError("afa_nodes/nodes_train.py defines no NODES list of V3 nodes: AFA Train Aggregator "
                           "must be an io.ComfyNode listed in nodes_train.NODES (the pack registers V3 nodes only).")
-    return [*nodes_ensemble.NODES, *train, *nodes_maps.NODES]
+    return [*nodes_ensemble.NODES, *train, *nodes_maps.NODES, *nodes_winmap.NODES]
 
 
 def accept_both_slot_names(json_data: dict) -> dict:
