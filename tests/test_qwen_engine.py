@@ -73,6 +73,28 @@ def test_walk_over_one_model_equals_its_forward(qwen):
     assert (plain - reference).abs().max() > 1e-3   # the patches did act
 
 
+def test_walk_equals_the_forward_of_the_edit_2511_and_layered_variants(qwen):
+    """ComfyUI >= 0.4: Qwen-Image-Edit 2511 (reference tokens modulated at timestep 0) and
+    Qwen-Image-Layered (an extra time condition, negative reference indices)."""
+    import inspect
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+    if "default_ref_method" not in inspect.signature(QwenImageTransformer2DModel).parameters:
+        pytest.skip("this ComfyUI has no Qwen-Image-Edit 2511 / Layered")
+    g = torch.Generator().manual_seed(1)
+    x, t, c = torch.randn(2, 16, 1, 6, 8, generator=g), torch.tensor([0.8, 0.3]), torch.randn(2, 5, CONTEXT, generator=g)
+    refs = [torch.randn(2, 16, 1, 6, 8, generator=g), torch.randn(2, 16, 1, 4, 4, generator=g)]
+    edit = qwen["models"].qwen_patcher(4, default_ref_method="index_timestep_zero").model.diffusion_model
+    layered = qwen["models"].qwen_patcher(5, use_additional_t_cond=True,
+                                          default_ref_method="negative_index").model.diffusion_model
+    with torch.inference_mode():
+        for m, extra in ((edit, {"ref_latents": refs}),
+                         (layered, {"ref_latents": refs, "additional_t_cond": torch.tensor([1, 0])})):
+            reference = m(x, t, c, transformer_options={}, **extra)
+            assert torch.equal(walk(m, x, t, c, **extra), reference)
+    from afa_nodes.core.layout import derive_layout
+    assert derive_layout(layered).additional_t_cond and not derive_layout(edit).additional_t_cond
+
+
 def test_layout_derived_from_the_module_structure(qwen):
     from afa_nodes.core.layout import derive_layout
     layout = derive_layout(qwen["experts"][0].model.diffusion_model)
