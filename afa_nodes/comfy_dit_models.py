@@ -1,5 +1,6 @@
-"""Tiny FLUX and SD3 (MMDiT) models made from ComfyUI's own classes, for tests, benchmarks and
-demos. Random seeded weights: what they draw is noise, but every block is ComfyUI's own code.
+"""Tiny FLUX, SD3 (MMDiT) and Qwen-Image models made from ComfyUI's own classes, for tests,
+benchmarks and demos. Random seeded weights: what they draw is noise, but every block is
+ComfyUI's own code.
 
 * FLUX: ComfyUI's detection fixes FLUX's width at 3072 (24 heads, rotary axes 16/56/56), so a
   tiny FLUX is built directly from `comfy.supported_models.Flux` / `FluxSchnell` and
@@ -13,6 +14,11 @@ demos. Random seeded weights: what they draw is noise, but every block is ComfyU
   SD1.5 demo checkpoint (text_encoders/, "Load CLIP" type sd3 pads it to SD3's 4096-wide
   context and 2048-wide pooled vector) and a 16-channel TAESD as the VAE (vae/);
   `ensure_flux_demo_files(...)` the same for FLUX with the smallest detectable FLUX files.
+* Qwen-Image: detection reads only the input width and the depth and takes the rest from the
+  class defaults (width 3072, rotary axes 16/56/56, 3584-wide text), so a tiny Qwen-Image is
+  built from `comfy.supported_models.QwenImage` / `model_base.QwenImage` with a small
+  `unet_config` (`qwen_patcher`: its real model sampling, ModelSamplingFlux shift 1.15, and
+  Wan 2.1 latent format); `qwen_state_dict` gives the smallest state dict detected as Qwen-Image.
 * `finetuned(...)`: a copy of a model with every weight moved by a relative amount, as a
   stand-in for a fine-tune of one base model.
 
@@ -147,6 +153,38 @@ def save_sd3(path, seed: int, dtype=torch.float16, **overrides):
     """Write a tiny SD3 diffusion model file (for models/diffusion_models, "Load Diffusion Model")."""
     _save(sd3_state_dict(seed, dtype, **overrides), path, f"tiny SD3 (seed {seed})")
     return path
+
+
+# Qwen-Image: 2 heads x 32 = width 64 (rotary axes sum to the head width), a 48-wide text context
+TINY_QWEN = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+                 num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(8, 12, 12))
+# what ComfyUI's detection gives a Qwen-Image state dict with one transformer block
+REAL_LAYOUT_QWEN = dict(TINY_QWEN, num_layers=1, attention_head_dim=128, num_attention_heads=24,
+                        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+
+
+def qwen_patcher(seed: int, dtype=torch.float32, **overrides):
+    """A tiny Qwen-Image as a ModelPatcher; `overrides` change TINY_QWEN entries (e.g. num_layers=3,
+    default_ref_method="index_timestep_zero", use_additional_t_cond=True where ComfyUI has them)."""
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.QwenImage({**TINY_QWEN, **overrides, "image_model": "qwen_image"})
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(_fill(model.diffusion_model, seed))
+    return _patcher(model.eval())
+
+
+def qwen_state_dict(seed: int, dtype=torch.bfloat16, **overrides) -> dict:
+    """A Qwen-Image diffusion model state dict in the real key layout (default REAL_LAYOUT_QWEN:
+    ~0.4 B parameters, ~0.8 GB in bf16), seeded weights."""
+    import comfy.ops
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        module = QwenImageTransformer2DModel(**{**REAL_LAYOUT_QWEN, **overrides}, device="meta",
+                                             operations=comfy.ops.disable_weight_init)
+    return {k: v.to(dtype) for k, v in _fill(module, seed).items()}
 
 
 SD3_DEMO_FILES = {"diffusion_models": ["afa_demo_sd3_tiny_1.safetensors", "afa_demo_sd3_tiny_2.safetensors"],

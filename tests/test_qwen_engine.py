@@ -1,5 +1,5 @@
 """Qwen-Image ensembles inside real ComfyUI, on tiny models made from ComfyUI's own class
-(afa_nodes/comfy_qwen_models.py): the block-by-block walk equals the model's own forward, and the
+(afa_nodes/comfy_dit_models.py): the block-by-block walk equals the model's own forward, and the
 ensemble invariants hold through ComfyUI's sampling path (common_ksampler, what the KSampler
 node runs: the model's own ModelSamplingFlux (shift 1.15, CONST) and Wan 2.1 latent format,
 latents of one frame). No server test: ComfyUI's only text encoder of Qwen-Image's 3584-wide
@@ -12,15 +12,15 @@ from test_dit_engine import aggregator_file, ensemble  # one helper for every Di
 pytestmark = pytest.mark.comfyui
 
 MODES = ("block-wise average", "noise average", "fixed weights", "single model", "aggregator")
-CONTEXT = 48   # comfy_qwen_models.TINY_QWEN joint_attention_dim
+CONTEXT = 48   # comfy_dit_models.TINY_QWEN joint_attention_dim
 
 
 @pytest.fixture(scope="module")
 def qwen(comfy, one_thread):
     import nodes
-    from afa_nodes import comfy_dit_models, comfy_qwen_models, ensemble_model
-    return dict(nodes=nodes, models=comfy_qwen_models, dit=comfy_dit_models, ens=ensemble_model,
-                experts=[comfy_qwen_models.qwen_patcher(s) for s in (1, 2)])
+    from afa_nodes import comfy_dit_models, ensemble_model
+    return dict(nodes=nodes, models=comfy_dit_models, dit=comfy_dit_models, ens=ensemble_model,
+                experts=[comfy_dit_models.qwen_patcher(s) for s in (1, 2)])
 
 
 def conditioning(seed=0, width=1):

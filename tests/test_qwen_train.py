@@ -25,7 +25,7 @@ def qwen(files):
     import comfy.sd as comfy_sd
     import comfy.utils
 
-    from afa_nodes.comfy_qwen_models import qwen_patcher
+    from afa_nodes.comfy_dit_models import qwen_patcher
     from afa_nodes.service.models import ExpertSet
     experts = ExpertSet([qwen_patcher(1), qwen_patcher(2)], ["tiny qwen 1", "tiny qwen 2"], [None, None], [None, None])
     vae = comfy_sd.VAE(sd=comfy.utils.load_torch_file(str(files["vae"][0])))
@@ -42,7 +42,7 @@ def test_one_bound_expert_walks_as_comfyuis_apply_model_and_the_target_gives_x0(
     """The training walk of one expert on a (B, 16, h, w) latent is ComfyUI's apply_model on the
     one-frame latent: denoised x_t - sigma * v equals apply_model's; the target noise - x0 makes
     ComfyUI's denoised x0."""
-    from afa_nodes.comfy_qwen_models import qwen_patcher
+    from afa_nodes.comfy_dit_models import qwen_patcher
     from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
     from afa_nodes.core.train import predict
     from afa_nodes.service.models import ExpertSet
