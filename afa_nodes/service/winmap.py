@@ -110,9 +110,11 @@ def win_map(experts: models.ExpertSet, clip, vae, settings: WinMapSettings, ense
         samples = run.data.train
         if settings.max_images:
             samples = [samples[k] for k in range(min(settings.max_images, len(samples)))]
+        what = (f"measuring {len(experts.names)} models{' and the ensemble' if ens else ''} on {len(samples)} "
+                f"image(s) x {len(settings.seeds)} seed(s) x {settings.steps} step(s)")
+        logger.info("%s", what)
         if status:
-            status(f"measuring {len(experts.names)} models{' and the ensemble' if ens else ''} on {len(samples)} "
-                   f"image(s) x {len(settings.seeds)} seed(s) x {settings.steps} step(s)")
+            status(what)
         table = measure(run.experts, run.layout, run.schedule, samples, experts.names, settings.steps,
                         settings.seeds, settings.grid, ens, progress, should_stop, run.device)
     verdict = table.verdict()
