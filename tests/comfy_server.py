@@ -8,7 +8,7 @@ Standard library only. Usage::
         images = srv.output_images(entry)
 
 The server gets temporary output/input/user/temp directories, an
-extra_model_paths.yaml pointing ``checkpoints``/``afa``/``vae``/``loras`` at
+extra_model_paths.yaml pointing ``checkpoints``/``afa``/``vae``/``loras``/``diffusion_models``/``text_encoders`` at
 ``models_dir``, and this pack installed as ``custom_nodes/ComfyUI-AFA`` (a
 symlink to the repo, created only if absent and removed afterwards; an existing
 symlink to another checkout is re-pointed for the duration and restored). With
@@ -143,7 +143,7 @@ class ComfyServer:
         lines = []
         if self.models_dir is not None:
             lines += ["afa_tests:", f"    base_path: {json.dumps(str(self.models_dir))}"]
-            for sub in ("checkpoints", "afa", "vae", "loras", "diffusion_models"):
+            for sub in ("checkpoints", "afa", "vae", "loras", "diffusion_models", "text_encoders"):
                 (self.models_dir / sub).mkdir(parents=True, exist_ok=True)
                 lines.append(f"    {sub}: {sub}")
         else:
