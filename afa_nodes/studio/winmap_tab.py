@@ -50,7 +50,7 @@ def winmap_tab(studio) -> dict:
                                             elem_id="afa-winmap-resolution")
                 c["max_images"] = gr.Number(0, precision=0, minimum=0, label="at most this many images (0: all)",
                                             elem_id="afa-winmap-max-images")
-            with gr.Accordion("held-out evaluation of an ensemble", open=False):
+            with gr.Accordion("held-out evaluation of an ensemble", open=True):
                 c["evaluate"] = gr.Checkbox(False, label="also measure the ensemble beside each checkpoint "
                                                          "(use images the aggregator was not trained on)",
                                             elem_id="afa-winmap-evaluate")
