@@ -31,12 +31,12 @@ def _pale(colour, strength: float):
     return tuple(int(round(c * a + 255 * (1 - a))) for c in colour)
 
 
-def _legend(d, x, y, width, names, values, suffix=""):
+def _legend(d, x, y, width, names, values, what=""):
     f = _font(13)
     for i, (name, v) in enumerate(zip(names, values)):
         yy = y + i * ROW_H
         d.rectangle((x, yy + 2, x + 14, yy + 16), fill=PALETTE[i % len(PALETTE)], outline=FG)
-        text = f"{short_name(name)}: {100 * v:.0f}%{suffix}"
+        text = f"{100 * v:.0f}%{what} {short_name(name)}"
         d.text((x + 22, yy + 2), _fit(f, text, width - 22), font=f, fill=FG)
 
 
@@ -60,8 +60,7 @@ def render_step(table: ErrorTable, s: int) -> torch.Tensor:
             colour = _pale(PALETTE[int(winners[r, c]) % len(PALETTE)], float(strength[r, c]))
             d.rectangle((x0 + c * cell, TITLE_H + r * cell, x0 + (c + 1) * cell - 1, TITLE_H + (r + 1) * cell - 1),
                         fill=colour)
-    _legend(d, MARGIN, TITLE_H + h + MARGIN, w - 2 * MARGIN, table.names[:n], table.step_share()[s].tolist(),
-            " of the regions")
+    _legend(d, MARGIN, TITLE_H + h + MARGIN, w - 2 * MARGIN, table.names[:n], table.step_share()[s].tolist())
     return to_image(img)
 
 
@@ -103,7 +102,7 @@ def render_share_plot(table: ErrorTable) -> torch.Tensor:
         for x, y in xy:
             d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=PALETTE[m % len(PALETTE)])
     ly = y1 + 40
-    _legend(d, MARGIN, ly, w - 2 * MARGIN, table.names[:n], table.win_share(), " of all wins")
+    _legend(d, MARGIN, ly, w - 2 * MARGIN, table.names[:n], table.win_share(), " of all wins:")
     for i, line in enumerate(lines):
         d.text((MARGIN, ly + n * ROW_H + 2 + 16 * i), line, font=f, fill=FG)
     return to_image(img)
