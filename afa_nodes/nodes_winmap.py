@@ -70,15 +70,24 @@ def _run(cls, model, clip, vae, values, evaluate: bool):
     return result
 
 
-def _validate(dataset_folder):
-    try:
-        training.dataset_in_input_dir(dataset_folder)
-    except AFAError as e:
-        return str(e)
-    return True
+class _ImageFolderNode(io.ComfyNode):
+    """What both nodes share: the folder is checked before the run, and a run is redone when a
+    file of the folder changes (ComfyUI otherwise caches by inputs)."""
+
+    @classmethod
+    def validate_inputs(cls, dataset_folder):
+        try:
+            training.dataset_in_input_dir(dataset_folder)
+        except AFAError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, dataset_folder, **kwargs):
+        return training.dataset_fingerprint(dataset_folder)
 
 
-class AFAWinMap(io.ComfyNode):
+class AFAWinMap(_ImageFolderNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -100,21 +109,13 @@ class AFAWinMap(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, dataset_folder):
-        return _validate(dataset_folder)
-
-    @classmethod
-    def fingerprint_inputs(cls, dataset_folder, **kwargs):
-        return training.dataset_fingerprint(dataset_folder)
-
-    @classmethod
     def execute(cls, model, clip, vae, **values) -> io.NodeOutput:
         result = _run(cls, model, clip, vae, values, evaluate=False)
         shown = {**ui.PreviewImage(result.overview, cls=cls).as_dict(), **ui.PreviewText(result.verdict).as_dict()}
         return io.NodeOutput(result.winners, result.share_plot, result.verdict, ui=shown)
 
 
-class AFAEvaluate(io.ComfyNode):
+class AFAEvaluate(_ImageFolderNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -129,14 +130,6 @@ class AFAEvaluate(io.ComfyNode):
                      io.String.Output("report", display_name="report",
                                       tooltip="The table: mean error and the error at each step, best marked.")],
             hidden=[io.Hidden.unique_id])
-
-    @classmethod
-    def validate_inputs(cls, dataset_folder):
-        return _validate(dataset_folder)
-
-    @classmethod
-    def fingerprint_inputs(cls, dataset_folder, **kwargs):
-        return training.dataset_fingerprint(dataset_folder)
 
     @classmethod
     def execute(cls, model, clip, vae, **values) -> io.NodeOutput:

@@ -1,28 +1,12 @@
 """The studio's Win map tab in headless chromium: pick two checkpoints and a folder, measure, and
 the verdict, the winners/wins picture and (ticked) the held-out evaluation show on the page;
 the same through the tab's API endpoint with gradio_client. Skipped without chromium."""
-from types import SimpleNamespace
-
 import pytest
-from test_studio import DATASET, serve_studio
-from test_studio_browser import choose, open_tab, pick, set_number, shot
-from toy_dataset import make_dataset
+from test_studio import DATASET
+from test_studio_browser import choose, open_tab, page, pick, set_number, shot  # noqa: F401 - page: the fixture
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
-
-
-@pytest.fixture(scope="module")
-def page(comfy, sd15_checkpoints, browser):
-    make_dataset(comfy.input_dir / DATASET, n=4)
-    with serve_studio(comfy) as app:
-        b = browser
-        b.send("Page.enable")
-        b.send("Page.navigate", {"url": app.url})
-        b.wait_for("!!document.querySelector('#afa-generate') && "
-                   "document.querySelector('#afa-status')?.innerText.startsWith('Idle')", timeout=90,
-                   what="the studio page and its first status poll")
-        yield SimpleNamespace(b=b, app=app, names=[p.name for p in sd15_checkpoints[:2]])
 
 
 def test_win_map_from_the_page_shows_verdict_picture_and_evaluation(page, tmp_path):
@@ -44,7 +28,8 @@ def test_win_map_from_the_page_shows_verdict_picture_and_evaluation(page, tmp_pa
                what="the evaluation plot")
     report = b.eval("document.querySelector('#afa-winmap-report textarea').value")
     assert report.splitlines()[2].strip().startswith("ensemble: block-wise average"), report
-    assert b.eval("document.querySelector('#afa-status').innerText").startswith("Idle")
+    b.wait_for("document.querySelector('#afa-status').innerText.startsWith('Idle')", timeout=30,
+               what="the status bar to show the studio idle again")
     shot(b, tmp_path, "studio_winmap.png")
 
 
