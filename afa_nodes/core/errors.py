@@ -23,3 +23,8 @@ class DatasetError(AFAError):
 
 class TrainingError(AFAError):
     """Training stopped for a reason the user must act on (NaN loss, bad resume)."""
+
+
+class FileWriteError(AFAError, OSError):
+    """A file could not be written (a full disk, no permission); the previous file is intact.
+    Also an OSError, as the failure it reports."""

@@ -36,14 +36,15 @@ import torch
 from .. import logger
 from .aggregator_file import save_aggregator
 from .ensemble import EnsembleExecutor, SABWMixer, uniform_mixer
-from .errors import TrainingError
+from .errors import FileWriteError, TrainingError
 from .family import Layout
 from .sabw import Aggregator, SABWConfig
 from .spec import Mode
 from .train_config import Comm, NoiseSchedule, TrainConfig, amp_dtype, lr_at
 from .train_data import Batch, DataOrder, TrainData, make_batch, validation_batches
 from .train_report import FINAL_LOSS_WINDOW, format_validation
-from .train_state import read_resume_file, read_sidecar, state_path, write_sidecar
+from .train_state import (clean_interrupted_saves, finish_sidecar, read_resume_file, read_sidecar, state_path,
+                          write_sidecar)
 
 __all__ = ["AggregatorTrainer", "Batch", "Comm", "NoiseSchedule", "TrainConfig", "TrainData", "TrainResult",
            "evaluate_aggregator", "format_validation", "lr_at", "state_path", "train_aggregator"]
@@ -92,6 +93,8 @@ class AggregatorTrainer:
         self.step, self.position, self.seed = 0, 0, config.seed
         self.history, self.val_history, self.validation, self.reference = [], [], None, None
         self.last_saved, self.saved_batch_size = None, None
+        if self.out_path is not None and self.comm.rank == 0:
+            clean_interrupted_saves(self.out_path)
         resume_file = resume and self.out_path is not None and self.out_path.exists()
         if resume and not resume_file:
             logger.info("resume: %s does not exist yet, starting a new aggregator", self.out_path)
@@ -211,13 +214,14 @@ class AggregatorTrainer:
         self.history.append([self.step, loss])
 
     def _diverged(self, what):
-        if self.last_saved is not None and self.out_path is not None:
-            kept = (f"The last good checkpoint is kept: {self.out_path} (step {self.last_saved}); "
-                    "resume from it with a lower learning rate or a lower max grad norm.")
-        else:
-            kept = "No checkpoint was saved yet (lower 'save every' to keep earlier states)."
         raise TrainingError(f"{what} at step {self.step + 1}: training stopped and the bad step was not saved. "
-                            f"{kept} If this repeats, check the dataset and models for NaN weights.")
+                            f"{self._last_good('with a lower learning rate or a lower max grad norm')} "
+                            "If this repeats, check the dataset and models for NaN weights.")
+
+    def _last_good(self, how: str) -> str:
+        if self.last_saved is not None and self.out_path is not None:
+            return f"The last good checkpoint is kept: {self.out_path} (step {self.last_saved}); resume from it {how}."
+        return "No checkpoint was saved yet (lower 'save every' to keep earlier states)."
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when any rank says so (cancel must stop all ranks together)."""
@@ -309,12 +313,18 @@ class AggregatorTrainer:
     def save(self, finished=False) -> dict:
         meta = self.metadata(finished)
         if self.out_path is not None and self.comm.rank == 0:
-            write_sidecar(self.out_path, {
-                "step": self.step, "position": self.position, "seed": self.seed,
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "history": self.history, "val_history": self.val_history})
-            save_aggregator(self.out_path, self.aggregator, self.layout, self.expert_info, meta)
+            try:
+                write_sidecar(self.out_path, {
+                    "step": self.step, "position": self.position, "seed": self.seed,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "history": self.history, "val_history": self.val_history})
+                save_aggregator(self.out_path, self.aggregator, self.layout, self.expert_info, meta)
+            except FileWriteError as e:
+                finish_sidecar(self.out_path, saved=False)
+                raise TrainingError(f"saving step {self.step} failed, training stopped: {e} "
+                                    f"{self._last_good('once the disk has room')}") from e
+            finish_sidecar(self.out_path, saved=True)
         self.last_saved = self.step
         return meta
 

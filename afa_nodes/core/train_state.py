@@ -5,11 +5,15 @@ the samples consumed (`samples_seen`), the seed and the data settings. The sidec
 `<out>.safetensors.train-state` (torch.save of plain containers, read with
 weights_only=True) holds what the file cannot: the sample position, AdamW and grad-scaler
 state, the loss histories. The trainer writes the sidecar first and the aggregator second,
-both atomically; a sidecar whose step differs from the file's is ignored with a warning
-(it only costs the optimizer moments, the run continues).
+both atomically, and keeps the sidecar of the file still on disk as `<sidecar>.prev` until the
+aggregator is written too: a process killed between the two writes leaves the file with its
+own state (`read_sidecar` takes the one of the file's step). A sidecar of another step is
+ignored with a warning (it only costs the optimizer moments, the run continues). Temp files of
+a save killed mid-write are removed when the next run starts (`clean_interrupted_saves`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,7 +22,7 @@ import torch
 
 from .. import logger
 from .aggregator_file import AggregatorFile, check_fits, load_aggregator
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temps
 from .errors import TrainingError
 
 STATE_SUFFIX = ".train-state"
@@ -28,6 +32,10 @@ DATA_SETTINGS = ("dataset", "resolution", "crop", "crop_variants", "buckets")  #
 
 def state_path(out_path) -> Path:
     return Path(str(out_path) + STATE_SUFFIX)
+
+
+def previous_state_path(out_path) -> Path:
+    return Path(str(state_path(out_path)) + ".prev")
 
 
 @dataclass
@@ -59,26 +67,62 @@ def read_resume_file(path, expert_info, layout, seed: int, global_batch: int, da
 
 
 def read_sidecar(out_path, step: int, device) -> Optional[dict]:
-    """The sidecar of `out_path` at `step`, or None (with the reason logged) when unusable."""
+    """The sidecar of `out_path` at `step` (the current one, else the one kept from the previous
+    save, which then becomes current), or None (with the reason logged) when unusable."""
     path, name = state_path(out_path), Path(out_path).name
-    if not path.exists():
+    previous = previous_state_path(out_path)
+    if not path.exists() and not previous.exists():
         logger.warning("resume: no optimizer state %s; continuing %s from step %d with a fresh optimizer "
                        "(the result will differ slightly from an uninterrupted run)", path.name, name, step)
         return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a damaged sidecar only costs the optimizer moments
-        logger.warning("resume: cannot read %s (%s); continuing with a fresh optimizer", path.name, e)
-        return None
-    if state.get("step") != step or state.get("format") != STATE_FORMAT:
-        logger.warning("resume: %s is from step %s but %s from step %d (interrupted save?); continuing "
-                       "with a fresh optimizer", path.name, state.get("step"), name, step)
-        return None
-    return state
+    found = []
+    for candidate in (path, previous):
+        if not candidate.exists():
+            continue
+        try:
+            state = torch.load(candidate, map_location=device, weights_only=True)
+        except Exception as e:  # a damaged sidecar only costs the optimizer moments
+            logger.warning("resume: cannot read %s (%s)", candidate.name, e)
+            continue
+        if state.get("step") == step and state.get("format") == STATE_FORMAT:
+            if candidate == previous:  # killed between the sidecar and the aggregator: the pair is this one
+                logger.info("resume: %s is from an interrupted save; using %s (step %d)", path.name,
+                            previous.name, step)
+                os.replace(previous, path)
+            return state
+        found.append(f"{candidate.name} is from step {state.get('step')}")
+    logger.warning("resume: %s but %s is from step %d; continuing with a fresh optimizer",
+                   "; ".join(found) or "no readable optimizer state", name, step)
+    return None
 
 
 def write_sidecar(out_path, state: dict):
-    atomic_write(state_path(out_path), lambda tmp: torch.save(dict(state, format=STATE_FORMAT), tmp))
+    """Write the state of the save under way; the current sidecar (the file on disk's) is kept
+    as `.prev` until `finish_sidecar` (call it once the aggregator file is written or failed)."""
+    path = state_path(out_path)
+    if path.exists():
+        os.replace(path, previous_state_path(out_path))
+    atomic_write(path, lambda tmp: torch.save(dict(state, format=STATE_FORMAT), tmp))
+
+
+def finish_sidecar(out_path, saved: bool):
+    """After the aggregator file: drop the kept sidecar (`saved`), or put it back (the save failed:
+    the file on disk is still the previous one)."""
+    previous = previous_state_path(out_path)
+    if saved:
+        previous.unlink(missing_ok=True)
+    elif previous.exists():
+        os.replace(previous, state_path(out_path))
+
+
+def clean_interrupted_saves(out_path) -> list:
+    """Remove the temp files of saves of `out_path` killed mid-write (only the run writing
+    `out_path` may call this); returns their names."""
+    removed = remove_stale_temps(out_path) + remove_stale_temps(state_path(out_path))
+    if removed:
+        logger.warning("removed %d temp file(s) of an interrupted save of %s: %s", len(removed),
+                       Path(out_path).name, ", ".join(removed))
+    return removed
 
 
 def _describe_experts(experts):

@@ -8,12 +8,14 @@ a path to an existing file is accepted too (the CLI passes paths).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import comfy.sd
 import folder_paths
+import torch
+from safetensors import SafetensorError
 
 from ..core.aggregator_file import AggregatorFile, load_aggregator
 from ..core.errors import AFAError
@@ -68,15 +70,18 @@ def load_aggregator_file(name_or_path) -> Optional[AggregatorFile]:
 
 
 def files_fingerprint(folder, names) -> str:
-    """name:size:mtime of each chosen file, so a result is redone when a file is overwritten
-    (the nodes' change detection: ComfyUI caches by inputs; the studio's model cache)."""
+    """Changes when a chosen file is replaced or rewritten, so a result is redone (the nodes' change
+    detection: ComfyUI caches by inputs; the studio's model cache). Aggregators (MBs) by content
+    sha256; checkpoints (GBs, never hashed here) by inode, size, mtime and ctime (which a rewrite
+    always changes, even when size and mtime are put back)."""
     out = []
     for name in names:
         if name and name != NONE:
             path = folder_paths.get_full_path(folder, name) or (name if os.path.isfile(str(name)) else None)
             if path and os.path.exists(path):
                 st = os.stat(path)
-                out.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+                out.append(f"{name}:{file_sha256(path)}" if folder == AFA_FOLDER else
+                           f"{name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
     return "|".join(out)
 
 
@@ -93,9 +98,16 @@ class Checkpoint:
 def load_checkpoint(name_or_path) -> Checkpoint:
     """The one checkpoint loader of the pack (nodes, CLI, studio, training)."""
     path = resolve_file("checkpoints", name_or_path)
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-        str(path), output_vae=True, output_clip=True,
-        embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+    try:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+    except (ValueError, RuntimeError, OSError, SafetensorError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AFAError(f"checkpoint '{path.name}' cannot be loaded ({reason}): the file is truncated, damaged or "
+                       "not a diffusion checkpoint. Re-download it or choose another checkpoint.") from e
     if model is None:
         raise AFAError(f"'{path.name}' holds no diffusion model (is it a VAE or text encoder file?).")
     return Checkpoint(str(name_or_path), path, model, clip, vae)
@@ -133,8 +145,16 @@ class LoadedEnsemble:
 def load_ensemble(spec: EnsembleSpec) -> LoadedEnsemble:
     """Checkpoints (+ aggregator) of `spec` -> the AFA MODEL, the per-model CLIP and model 1's VAE."""
     spec = spec.checked()
-    agg_file = load_aggregator_file(spec.aggregator) if spec.mode.needs_aggregator else None  # fail fast
-    ckpts = load_checkpoints(spec.checkpoints)
+    if spec.mode.needs_aggregator:
+        load_aggregator_file(spec.aggregator)  # fail fast, before loading any checkpoint
+    return ensemble_of_checkpoints(load_checkpoints(spec.checkpoints), spec)
+
+
+def ensemble_of_checkpoints(ckpts: list, spec: EnsembleSpec) -> LoadedEnsemble:
+    """Loaded checkpoints (in the order of the ensemble's models; each may carry its own LoRA, see
+    `with_loras`) + how to combine them -> the AFA MODEL, the per-model CLIP and model 1's VAE."""
+    spec = spec.checked(len(ckpts))
+    agg_file = load_aggregator_file(spec.aggregator) if spec.mode.needs_aggregator else None
     hashes = [file_sha256(c.path) for c in ckpts] if agg_file is not None else None
     names = [c.path.name for c in ckpts]
     model = build_ensemble([c.model for c in ckpts], names, spec, agg_file, hashes, [str(c.path) for c in ckpts])
@@ -182,6 +202,67 @@ def experts_from_files(names) -> tuple:
     experts = ExpertSet([c.model for c in ckpts], [c.path.name for c in ckpts],
                         [file_sha256(c.path) for c in ckpts], [str(c.path) for c in ckpts])
     return experts, per_model_clip(ckpts), ckpts[0].vae
+
+
+# ---------------------------------------------------------------- LoRAs, memory, demo checkpoints (studio)
+DEMO_DIR = Path.home() / ".cache" / "comfyui-afa" / "demo-checkpoints"
+DEMO_COUNT = 3
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA from ComfyUI's loras folders and its strength (on the model and the text encoder)."""
+    name: str
+    strength: float = 1.0
+
+
+def lora_names() -> list:
+    return folder_paths.get_filename_list("loras")
+
+
+def with_loras(ckpt: Checkpoint, loras) -> Checkpoint:
+    """ComfyUI's Load LoRA nodes applied in order to a loaded checkpoint: a Checkpoint whose MODEL
+    and CLIP are patched clones (`ckpt` itself stays as loaded, so a cache can keep it)."""
+    import nodes  # ComfyUI's built-in nodes (imported once ComfyUI is booted)
+    model, clip = ckpt.model, ckpt.clip
+    for lora in loras:
+        if lora.name not in lora_names():
+            raise AFAError(f"LoRA '{lora.name}' not found in ComfyUI's loras folders "
+                           f"({', '.join(folder_paths.get_folder_paths('loras'))}).")
+        if clip is None:
+            model = nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora.name, float(lora.strength))[0]
+        else:
+            model, clip = nodes.LoraLoader().load_lora(model, clip, lora.name, float(lora.strength),
+                                                       float(lora.strength))
+    return replace(ckpt, model=model, clip=clip)
+
+
+def checkpoint_bytes(ckpt: Checkpoint) -> int:
+    """Memory of a loaded checkpoint's weights (diffusion model + text encoder + VAE), as ComfyUI's
+    model patchers count them."""
+    total = ckpt.model.model_size()
+    for part in (ckpt.clip, ckpt.vae):
+        patcher = getattr(part, "patcher", None)
+        if patcher is not None and getattr(patcher, "model", None) is not None:
+            total += patcher.model_size()
+    return int(total)
+
+
+def checkpoint_folders() -> list:
+    """Where ComfyUI (and so every front end) looks for checkpoints."""
+    return list(folder_paths.get_folder_paths("checkpoints"))
+
+
+def add_demo_checkpoints(folder=None) -> list:
+    """The synthetic SD1.5-layout demo checkpoints (random weights; built once into `folder`,
+    default DEMO_DIR, ~290 MB each) added to ComfyUI's checkpoints folders for this process.
+    Returns their names as the checkpoint lists show them."""
+    from ..demo_checkpoints import ensure_demo_checkpoints
+    folder = Path(folder or DEMO_DIR).expanduser().resolve()
+    paths = ensure_demo_checkpoints(folder, "sd15", DEMO_COUNT)
+    if str(folder) not in checkpoint_folders():
+        folder_paths.add_model_folder_path("checkpoints", str(folder))
+    return [p.name for p in paths]
 
 
 # ---------------------------------------------------------------- split DiT files
