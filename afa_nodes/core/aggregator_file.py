@@ -20,6 +20,7 @@ from .family import Layout, signature_family
 from .sabw import Aggregator, SABWConfig
 
 FORMAT_VERSION = 1
+MAX_METADATA_BYTES = 1 << 20   # an aggregator's metadata is a few KB
 
 
 @dataclass
@@ -62,18 +63,57 @@ def load_aggregator(path) -> AggregatorFile:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for bad files
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a raw pickle
+            raise AggregatorFileError(f"{path.name} is a PyTorch/pickle file named .safetensors: this pack never "
+                                      "unpickles files (they can run code). Use a real .safetensors aggregator.") from None
         raise AggregatorFileError(f"{path.name} is not a readable .safetensors file ({e}); "
                                   "it may be truncated or of another format. Re-download or re-train it.") from e
     if "afa" not in metadata:
         raise AggregatorFileError(f"{path.name} has no AFA metadata: it is not an AFA aggregator "
                                   "(maybe a checkpoint or LoRA put in models/afa by mistake).")
-    meta = json.loads(metadata["afa"])
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise AggregatorFileError(f"{path.name} uses aggregator format {meta['format_version']}, "
-                                  f"this ComfyUI-AFA reads up to {FORMAT_VERSION}: update the pack.")
-    return AggregatorFile(config=SABWConfig(**meta["config"]), layout=meta["layout"],
+    meta = _read_metadata(path.name, metadata["afa"])
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise AggregatorFileError(f"{path.name} holds NaN/inf weights ({', '.join(bad[:3])}"
+                                  f"{' ...' if len(bad) > 3 else ''}): it came from a diverged training. "
+                                  "Re-train it (a lower learning rate) or use an earlier file.")
+    return AggregatorFile(config=meta["config"], layout=meta["layout"],
                           experts=meta.get("experts", []), training=meta.get("training", {}),
                           state_dict=tensors, path=str(path))
+
+
+def _read_metadata(name: str, text: str) -> dict:
+    """The "afa" metadata JSON checked for what loading needs (config -> SABWConfig); typed errors."""
+    damaged = f"{name}: its AFA metadata is damaged ({{}}); re-train or re-export the aggregator."
+    if len(text) > MAX_METADATA_BYTES:
+        raise AggregatorFileError(f"{name}: its AFA metadata is {len(text) / 2**20:.1f} MB, an aggregator's is "
+                                  f"a few KB (limit {MAX_METADATA_BYTES // 2**20} MB): not a file this pack "
+                                  "wrote. Re-train or re-export the aggregator.")
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise AggregatorFileError(damaged.format(f"not JSON: {e}")) from None
+    if not isinstance(meta, dict):
+        raise AggregatorFileError(damaged.format(f"a JSON {type(meta).__name__}, not an object"))
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int):
+        raise AggregatorFileError(damaged.format(f"format_version {version!r}"))
+    if version > FORMAT_VERSION:
+        raise AggregatorFileError(f"{name} uses aggregator format {version}, "
+                                  f"this ComfyUI-AFA reads up to {FORMAT_VERSION}: update the pack.")
+    layout = meta.get("layout")
+    if not isinstance(layout, dict) or not isinstance(layout.get("points"), list):
+        raise AggregatorFileError(damaged.format("no 'layout' with 'points'"))
+    for key, kind in (("experts", list), ("training", dict)):
+        if not isinstance(meta.get(key, kind()), kind):
+            raise AggregatorFileError(damaged.format(f"'{key}' is not a {kind.__name__}"))
+    try:
+        meta["config"] = SABWConfig(**meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AggregatorFileError(damaged.format(f"bad 'config': {e}")) from None
+    return meta
 
 
 def check_fits(agg_file: AggregatorFile, layout: Layout, expert_names, expert_hashes=None):

@@ -20,6 +20,7 @@ import json
 import math
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -57,10 +58,15 @@ class ImageEntry:
 
 
 def load_image(path: Path) -> Image.Image:
-    """First frame, EXIF-transposed, RGB (transparency composited on white)."""
-    with Image.open(path) as im:
-        im.seek(0)
-        im = ImageOps.exif_transpose(im)  # returns a loaded copy
+    """First frame, EXIF-transposed, RGB (transparency composited on white; 16-bit grey scaled
+    to 8 bits). A decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS) is an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.seek(0)
+            im = ImageOps.exif_transpose(im)  # returns a loaded copy
+    if im.mode.startswith("I"):  # 16-bit grey ("I;16*", or "I" holding 0..65535): 8 bits, not clipped
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -113,6 +119,14 @@ def _read_metadata(folder: Path) -> dict[Path, str]:
     return caps
 
 
+def _read_caption(txt: Path, folder: Path) -> str:
+    try:
+        return txt.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"caption '{txt.relative_to(folder)}' in '{folder}' is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start}): save it as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+
+
 def scan_folder(folder: Path) -> tuple[list[ImageEntry], DatasetReport]:
     """Readable images with captions/repeats; sizes are post-EXIF. Targets are left unset."""
     folder = Path(folder)
@@ -139,7 +153,7 @@ def scan_folder(folder: Path) -> tuple[list[ImageEntry], DatasetReport]:
         repeats = max(1, int(m.group(1))) if m else 1
         txt = p.with_suffix(".txt")
         if txt.is_file():
-            caption = txt.read_text(encoding="utf-8", errors="replace").strip()
+            caption = _read_caption(txt, folder)
         elif p.resolve() in meta:
             caption = meta[p.resolve()]
         else:

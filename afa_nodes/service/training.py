@@ -50,10 +50,14 @@ def dataset_in_input_dir(name) -> Path:
         raise DatasetError(f"give the dataset folder: the name of a subfolder of ComfyUI's input directory ({base}).")
     if os.path.isabs(name) or ".." in Path(name).parts:
         raise DatasetError(f"dataset folder '{name}' must be a subfolder of ComfyUI's input directory ({base}), "
-                           "given relative to it, without '..'. Move or link the dataset into the input folder.")
+                           "given relative to it, without '..'. Move or copy the dataset into the input folder.")
     path = os.path.abspath(os.path.join(base, name))
-    if os.path.commonpath([base, path]) != base or path == base:
-        raise DatasetError(f"dataset folder '{name}' is outside ComfyUI's input directory ({base}).")
+    real_base, real = os.path.realpath(base), os.path.realpath(path)
+    if os.path.commonpath([base, path]) != base or path == base or os.path.commonpath([real_base, real]) != real_base \
+            or real == real_base:
+        raise DatasetError(f"dataset folder '{name}' is outside ComfyUI's input directory ({base})"
+                           + (f": it is a link to {real}" if real != path else "")
+                           + ". Move or copy the dataset into the input folder (links out of it are refused).")
     if not os.path.isdir(path):
         raise DatasetError(f"dataset folder '{name}' does not exist: create {path} with images and same-name "
                            ".txt captions (or a metadata.jsonl).")
