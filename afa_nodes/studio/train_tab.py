@@ -13,7 +13,7 @@ from ..service.training import render_loss_curve
 from . import catalog
 from .state import Studio
 from .training import TrainSnapshot, option_specs, validation_rows
-from .ui import JOB_GROUP, TITLE, label, user_errors
+from .ui import JOB_GROUP, TITLE, as_text, label, user_errors
 
 VALIDATION_HEADERS = ["model / ensemble", "eps-MSE", "best"]
 
@@ -116,6 +116,6 @@ def train_values(snap: TrainSnapshot) -> list:
     name = Path(snap.out_path).name if snap.out_path else ""
     text = f"**{head}** `{name}`: {snap.progress_text()}"
     if snap.state in ("finished", "stopped", "failed", "starting"):
-        text += f"\n\n{snap.message}" if snap.message not in text else ""
+        text += f"\n\n{as_text(snap.message)}" if snap.message not in text else ""
     curve = to_pil(render_loss_curve(snap.history, snap.val_history, f"{name}: step {snap.step}/{snap.total}"))
     return [text, curve, validation_rows(snap.validation), snap.report]

@@ -3,6 +3,7 @@ into messages the page shows."""
 from __future__ import annotations
 
 import functools
+import html
 
 import gradio as gr
 
@@ -24,12 +25,18 @@ def user_errors(fn):
             raise
         except AFAError as e:
             logger.info("AFA Studio refused a request: %s", e)
-            raise gr.Error(str(e), title=TITLE, print_exception=False) from None
+            raise gr.Error(as_text(str(e)), title=TITLE, print_exception=False) from None
         except Exception as e:  # noqa: BLE001 - the UI must say something; the log has the traceback
             logger.exception("AFA Studio: %s failed", fn.__name__)
-            raise gr.Error(f"{type(e).__name__}: {e} (the traceback is in the studio's log)", title=TITLE,
+            raise gr.Error(as_text(f"{type(e).__name__}: {e} (the traceback is in the studio's log)"), title=TITLE,
                            print_exception=False) from None
     return wrapper
+
+
+def as_text(message: str) -> str:
+    """A message for gradio's HTML-rendering places (toasts, Markdown): names from files and
+    user input (checkpoint names, captions) show as text, never as markup."""
+    return html.escape(message, quote=False)
 
 
 def waiting_requests(demo: gr.Blocks) -> int:
