@@ -260,6 +260,7 @@ def _wait_interrupted(srv, prompt_id, timeout=120) -> dict:
 
 
 @pytest.mark.comfyui
+@pytest.mark.slow
 def test_cancel_training_from_the_interface_stops_within_one_step_and_leaves_a_whole_file(
         comfy_server, sd15_checkpoints):
     from reliability import BLOCK_AVERAGE
@@ -304,6 +305,7 @@ def test_cancel_training_from_the_interface_stops_within_one_step_and_leaves_a_w
 
 
 @pytest.mark.comfyui
+@pytest.mark.slow
 def test_cancel_sampling_from_the_interface_stops_within_one_step_and_saves_nothing(
         comfy_server, sd15_checkpoints):
     import re
