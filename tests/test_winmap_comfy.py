@@ -68,6 +68,38 @@ def test_evaluate_node_puts_the_ensemble_beside_each_model(env, counted):
     assert sum(counted) == 2 * (2 * 2) * 2 * 2                 # 2N passes per sample and step
 
 
+def test_evaluation_with_an_aggregator_file_any_mode_same_draws(env, comfy, models_dir):
+    """A fresh (zero-initialised) aggregator IS the block-wise average: on the same draws its row
+    equals the block-wise average's; fixed weights 1, 0 equal model 1 alone."""
+    from afa_nodes.core.aggregator_file import save_aggregator
+    from afa_nodes.core.sabw import Aggregator, SABWConfig
+    from afa_nodes.service import models, winmap
+    from afa_nodes.training_host import experts_layout
+    model, clip, vae = env["loaded"]
+    experts = models.experts_of(model)
+    layout = experts_layout(experts)
+    agg = Aggregator(layout.point_channels, SABWConfig(num_models=2, hidden=32, heads=4, depth=1,
+                                                       context_dim=layout.context_dim,
+                                                       time_embed_dim=layout.time_embed_dim))
+    save_aggregator(models_dir / "afa" / "winmap_fresh.safetensors", agg, layout,
+                    [{"name": n, "sha256": h} for n, h in zip(experts.names, experts.hashes)])
+    settings = winmap.settings_from_ui(dict(ARGS, max_images=2, seeds=1))
+    rows = {}
+    for spec in (EnsembleSpec(mode=Mode.AGGREGATOR, aggregator="winmap_fresh.safetensors"),
+                 EnsembleSpec(mode=Mode.BLOCK_AVERAGE), EnsembleSpec(mode=Mode.FIXED_WEIGHTS, weights="1, 0")):
+        with torch.inference_mode():
+            table = winmap.win_map(experts, clip, vae, settings, spec).table
+        rows[spec.mode] = table.rows()
+    agg_row, avg_row, fixed_row = rows[Mode.AGGREGATOR][0], rows[Mode.BLOCK_AVERAGE][0], rows[Mode.FIXED_WEIGHTS][0]
+    assert agg_row["name"] == "ensemble: winmap_fresh"
+    assert agg_row["loss"] == pytest.approx(avg_row["loss"], rel=1e-4)
+    model_1 = next(r for r in rows[Mode.FIXED_WEIGHTS] if r["name"] == experts.names[0])
+    assert fixed_row["loss"] == pytest.approx(model_1["loss"], rel=1e-4)
+    assert abs(avg_row["loss"] - model_1["loss"]) > 1e-3 * model_1["loss"]  # the averaging is another model
+    with pytest.raises(AFAError, match="not found"):
+        winmap.win_map(experts, clip, vae, settings, EnsembleSpec(mode=Mode.AGGREGATOR, aggregator="nope.safetensors"))
+
+
 def test_service_cancel_returns_the_partial_table_and_the_node_raises(env):
     import comfy.model_management
     from afa_nodes.service import models, winmap

@@ -11,7 +11,8 @@
 - `settings_from_ui(values)`: the node's and the studio's option values -> WinMapSettings.
 
 The images and captions are encoded once (cached) by the training adapter (training_host:
-centre crop at `resolution`, the experts' own VAE and text encoders); nothing is trained.
+centre crop at `resolution`, the experts' own VAE and text encoders; a Kohya 'N_name' folder's
+images count N times); nothing is trained.
 Callbacks as in training: progress(done, total) after each (image, step), should_stop()
 polled before each (a stop returns the partial table, `stopped` set), status(text).
 """
@@ -80,21 +81,22 @@ def ensemble_spec_of(model) -> EnsembleSpec:
     return require_ensemble(model, "AFA Evaluate").spec
 
 
-def _ensembled(spec: EnsembleSpec, experts, layout, device) -> Ensembled:
-    """The ensemble as the core measures it: the spec's mixer (an aggregator file checked against
-    the experts) over all experts, or one expert for mode 'single model'."""
+def _ensembled(spec: EnsembleSpec, experts, layout) -> tuple:
+    """(Ensembled, its aggregator module or None): the ensemble as the core measures it, the
+    spec's mixer (an aggregator file checked against the experts) over all experts, or one
+    expert for mode 'single model'. Built before anything is encoded: a bad file fails fast."""
     n = len(experts.names)
     spec = spec.checked(n)
     aggregator, name = None, f"ensemble: {spec.mode.value}"
     if spec.mode is Mode.AGGREGATOR:
         agg_file = models.load_aggregator_file(spec.aggregator)
         check_fits(agg_file, layout, experts.names, experts.hashes if all(experts.hashes) else None)
-        aggregator = agg_file.build().to(device, torch.float32).eval()
+        aggregator = agg_file.build().float().eval()
         name = f"ensemble: {Path(str(spec.aggregator)).stem}"
     indices = [spec.single_index] if spec.mode is Mode.SINGLE_MODEL else list(range(n))
     if spec.mode is Mode.SINGLE_MODEL:
         name = f"ensemble: {Mode.SINGLE_MODEL.value} {spec.model_index}"
-    return Ensembled(name, EnsembleExecutor(layout, mixer_for(spec, layout, n, aggregator)), indices)
+    return Ensembled(name, EnsembleExecutor(layout, mixer_for(spec, layout, n, aggregator)), indices), aggregator
 
 
 def win_map(experts: models.ExpertSet, clip, vae, settings: WinMapSettings, ensemble: Optional[EnsembleSpec] = None,
@@ -104,9 +106,12 @@ def win_map(experts: models.ExpertSet, clip, vae, settings: WinMapSettings, ense
     held-out evaluation beside each expert."""
     config = TrainConfig(dataset=str(settings.dataset), resolution=settings.resolution, val_fraction=0.0,
                          crop="center", buckets=False, caption_dropout=0.0).for_run(("dataset",))
+    ens, aggregator = (None, None) if ensemble is None else _ensembled(ensemble, experts,
+                                                                        training_host.experts_layout(experts))
     with torch.inference_mode(False):
         run = training_host.prepare(experts, clip, vae, config, comm=None, status=status)
-        ens = _ensembled(ensemble, experts, run.layout, run.device) if ensemble is not None else None
+        if aggregator is not None:
+            aggregator.to(run.device)
         samples = run.data.train
         if settings.max_images:
             samples = [samples[k] for k in range(min(settings.max_images, len(samples)))]
