@@ -5,8 +5,7 @@ and no good file is touched (sha256 before/after).
 Through a real ComfyUI server (one shared `comfy_server`) for what reaches the pack through a
 prompt: aggregator files, checkpoints, ensembles, map recording, training datasets. In the
 library for what only a dataset or a file for training holds (image formats, captions,
-decompression bombs). The server tests are also marked slow (minutes of CPU: `pytest -m
-reliability` runs them; the default run keeps the library ones). Each case is one row of
+decompression bombs); 60 s on 2 idle cores. Each case is one row of
 docs/reliability.md "Hostile input"; the rows seen go to test-artifacts/reliability/hostile.json.
 """
 from __future__ import annotations
@@ -194,7 +193,6 @@ def validation_errors(message: str) -> str:
 
 
 # ---------------------------------------------------------------- through the server
-@pytest.mark.slow
 def test_ensembles_of_incompatible_models(env):
     refused(env, "mixed architectures (SD1.5 + SDXL)", ensemble_prompt(env, ckpt_2=env.xl),
             r"IncompatibleModelsError.*(SDXL|2048|context|architecture)")
@@ -209,7 +207,6 @@ def test_ensembles_of_incompatible_models(env):
             r"model_7.*(slots are|6)")
 
 
-@pytest.mark.slow
 def test_aggregators_that_do_not_fit_or_are_broken(env):
     f = env.files
     agg = dict(mode="aggregator")
@@ -238,7 +235,6 @@ def test_aggregators_that_do_not_fit_or_are_broken(env):
             r"needs an aggregator file")
 
 
-@pytest.mark.slow
 def test_aggregator_trained_for_other_experts_warns_and_runs(env):
     """Policy: a file trained on other checkpoints (sha256 differ) RUNS with a warning naming both
     lists: fine-tunes of one base share features, and the user chose the file on purpose.
@@ -253,7 +249,6 @@ def test_aggregator_trained_for_other_experts_warns_and_runs(env):
                  "where": "server", "server_alive": True, "files_intact": True})
 
 
-@pytest.mark.slow
 def test_broken_checkpoints_and_bad_settings(env):
     refused(env, "truncated checkpoint .safetensors", ensemble_prompt(env, ckpt_2="hostile_truncated_ckpt.safetensors"),
             r"AFAError.*checkpoint 'hostile_truncated_ckpt.safetensors' cannot be loaded.*Re-download")
@@ -279,7 +274,6 @@ def test_broken_checkpoints_and_bad_settings(env):
                  "files_intact": True})
 
 
-@pytest.mark.slow
 def test_map_recording_input(env):
     base = maps_api_prompt(env.a, env.b, steps=1)
     bad_point = json.loads(json.dumps(base))
@@ -299,7 +293,6 @@ def test_map_recording_input(env):
     refused(env, "a latent no recorded run produced into AFA Attention Preview", other_latent, r"AFAError.*latent")
 
 
-@pytest.mark.slow
 def test_training_datasets(env):
     refused(env, "dataset path with '..'", train_prompt(env, "../../etc"), r"input directory", rejected=True)
     refused(env, "absolute dataset path", train_prompt(env, "/etc"), r"input directory", rejected=True)
@@ -416,7 +409,6 @@ def test_broken_aggregator_metadata_is_a_typed_error(tmp_path):
 
 
 # ---------------------------------------------------------------- last: nothing good was touched
-@pytest.mark.slow
 def test_no_good_file_was_touched_and_the_table_is_written(env):
     after = {p: file_sha256(p) for p in env.guarded}
     assert after == env.before
