@@ -1,4 +1,4 @@
-"""Every example workflow in workflows/ runs on a real ComfyUI server.
+"""Every example workflow in workflows/ and workflows/dit/ runs on a real ComfyUI server.
 
 The workflows are UI (litegraph) files, as artists drag and drop them. Besides workflows/,
 copies of the workflows shared before the nodes became V3 (tests/fixtures/workflows_v1/,
@@ -8,16 +8,20 @@ checks every node type, input and widget value the file uses), shrunk to tiny se
 (96x64 latents, a tenth of the sampling steps, 2 training steps), queued with POST /prompt
 and checked: images of the right size in the output folder, not constant (a NaN image is
 saved as a constant one). Images and the converted prompts are copied to
-test-artifacts/workflows/<workflow>/.
+test-artifacts/workflows/<workflow>/. The DiT workflows run on the tiny SD3 demo files and
+(slow: ~1 GB each) the smallest files ComfyUI detects as FLUX
+(afa_nodes.comfy_dit_models), linked into the server's diffusion_models, text_encoders and vae.
 
 Bad input (an SD1.5 and an SDXL checkpoint in one ensemble, a corrupt aggregator file, a
 missing dataset folder) must give an error that names the problem, after which the server
 still runs prompts. When chromium is installed, the frontend itself loads every workflow
-and its graphToPrompt() must equal the converter's prompt.
+and its graphToPrompt() must equal the converter's prompt; its picture of the FLUX workflow is
+the README's (docs/images/flux_ensemble_workflow.png, rewritten when AFA_UPDATE_DOCS_IMAGES=1).
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -41,14 +45,18 @@ pytestmark = pytest.mark.comfyui
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
+DIT_DIR = WORKFLOWS_DIR / "dit"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "workflows"
 FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures" / "workflows_v1"
-WORKFLOWS = list(iter_workflows(WORKFLOWS_DIR)) + list(iter_workflows(FIXTURES_DIR))
+WORKFLOWS = list(iter_workflows(WORKFLOWS_DIR)) + list(iter_workflows(DIT_DIR)) + list(iter_workflows(FIXTURES_DIR))
+FLUX_WORKFLOW = DIT_DIR / "afa_flux_ensemble.json"
+FLUX_PICTURE = REPO_ROOT / "docs" / "images" / "flux_ensemble_workflow.png"
 OUR_NODES = ["AFAEnsembleLoader", "AFAEnsemble", "AFACLIPMerge", "AFALoadAggregator", "AFATrainAggregator",
              "AFARecordAttention", "AFAAttentionPreview"]
 DEMO_CKPT = "afa_demo_sd15_synthetic_{}.safetensors"
 WIDTH, HEIGHT = 96, 64          # not square: a transposed image would show
 DATASET = "afa_example_dataset"
+DATASET_NODES = ("AFATrainAggregator", "AFAWinMap", "AFAEvaluate")  # nodes reading a dataset folder
 TIMEOUT = 900
 
 # What each workflow must contain and produce ({class: count}, SaveImage outputs). A new
@@ -63,7 +71,18 @@ EXPECT = {
     "afa_train_aggregator.json": {"nodes": {"AFATrainAggregator": 1, "AFAEnsemble": 2}, "saved": 2},
     "afa_5_models_txt2img.json": {"nodes": {"CheckpointLoaderSimple": 5, "AFAEnsemble": 1, "AFACLIPMerge": 1,
                                             "KSampler": 1}, "saved": 1, "grown": 5},
+    "afa_flux_ensemble.json": {"nodes": {"UNETLoader": 2, "CLIPLoader": 1, "VAELoader": 1, "AFAEnsemble": 1,
+                                         "FluxGuidance": 1, "KSampler": 1}, "saved": 1, "models": 2},
+    "afa_sd3_ensemble.json": {"nodes": {"UNETLoader": 2, "CLIPLoader": 1, "VAELoader": 1, "AFAEnsemble": 1,
+                                        "KSampler": 1}, "saved": 1, "models": 2},
 }
+
+
+def demo_files() -> set:
+    """The file names the workflows may use: the SD1.5 demo checkpoints and the DiT demo files."""
+    from afa_nodes.comfy_dit_models import FLUX_DEMO_FILES, SD3_DEMO_FILES
+    return ({DEMO_CKPT.format(i) for i in range(3)}
+            | {n for files in (SD3_DEMO_FILES, FLUX_DEMO_FILES) for names in files.values() for n in names})
 
 
 def label(path: Path) -> str:
@@ -73,8 +92,8 @@ def label(path: Path) -> str:
 
 def test_the_example_workflows_are_there():
     assert WORKFLOWS, f"no workflows in {WORKFLOWS_DIR}"
-    missing = sorted(set(EXPECT) - {p.name for p in WORKFLOWS if p.parent == WORKFLOWS_DIR})
-    assert not missing, f"workflows named in EXPECT but not in {WORKFLOWS_DIR}: {missing}"
+    missing = sorted(set(EXPECT) - {p.name for p in WORKFLOWS if p.parent in (WORKFLOWS_DIR, DIT_DIR)})
+    assert not missing, f"workflows named in EXPECT but not in {WORKFLOWS_DIR} or {DIT_DIR}: {missing}"
 
 
 def test_the_pre_v3_workflow_copies_are_unchanged():
@@ -85,14 +104,30 @@ def test_the_pre_v3_workflow_copies_are_unchanged():
 
 
 # ---------------------------------------------------------------- fixtures
+def link_files(models_dir: Path, files: dict, created: list) -> None:
+    """{kind: [paths]} (afa_nodes.comfy_dit_models' demo files) linked into models_dir/<kind>/."""
+    for kind, paths in files.items():
+        (models_dir / kind).mkdir(exist_ok=True)
+        for p in paths:
+            link = models_dir / kind / p.name
+            if not link.exists():
+                link.symlink_to(p)
+                created.append(link)
+
+
 @pytest.fixture(scope="module")
 def server(comfy_server, sd15_checkpoints, sdxl_checkpoints, models_dir):
+    from conftest import checkpoint_cache_dir
+
+    from afa_nodes.comfy_dit_models import ensure_flux_demo_files, ensure_sd3_demo_files
     srv = comfy_server
     assert [p.name for p in sd15_checkpoints] == [DEMO_CKPT.format(i) for i in range(3)], \
         "the workflows use the demo checkpoints' names (afa_nodes.demo_checkpoints.demo_checkpoint_name)"
     created = []
+    for ensure in (ensure_sd3_demo_files, ensure_flux_demo_files):  # FLUX: built once into the cache, ~2 GB, ~20 s
+        link_files(Path(models_dir), ensure(checkpoint_cache_dir() / "dit", sd15_checkpoints[0].resolve()), created)
     yield srv, created
-    for p in created:  # leave models/afa as other tests expect it
+    for p in created:  # leave models/ as other tests expect it
         for f in p.parent.glob(p.name + "*"):
             f.unlink(missing_ok=True)
 
@@ -126,14 +161,20 @@ def test_workflow_fits_the_server(path, object_info):
         f"{path.name}: needs a Note telling artists to pick their own checkpoints"
     for _, node in nodes_of(prompt, "KSampler"):
         assert isinstance(node["inputs"]["seed"], int)
-    ckpts = set()
+    files, models = set(), []
     for _, node in nodes_of(prompt, "CheckpointLoaderSimple") + nodes_of(prompt, "AFAEnsembleLoader"):
-        ckpts |= {v for k, v in node["inputs"].items() if k.startswith("ckpt") and v != "none"}
-    assert ckpts and ckpts <= {DEMO_CKPT.format(i) for i in range(3)}, ckpts
+        files |= {v for k, v in node["inputs"].items() if k.startswith("ckpt") and v != "none"}
+    for cls, key in (("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name")):
+        files |= {node["inputs"][key] for _, node in nodes_of(prompt, cls)}
+        models += [node["inputs"][key] for _, node in nodes_of(prompt, cls) if cls == "UNETLoader"]
+    assert files and files <= demo_files(), files
     if "models" in expect:
-        (_, loader), = nodes_of(prompt, "AFAEnsembleLoader")
-        used = [v for k, v in loader["inputs"].items() if k.startswith("ckpt") and v != "none"]
-        assert len(set(used)) == expect["models"] and loader["inputs"]["mode"] == "block-wise average"
+        if models:  # DiTs: Load Diffusion Model x N -> AFA Ensemble
+            (_, ens), = nodes_of(prompt, "AFAEnsemble")
+        else:
+            (_, ens), = nodes_of(prompt, "AFAEnsembleLoader")
+            models = [v for k, v in ens["inputs"].items() if k.startswith("ckpt") and v != "none"]
+        assert len(set(models)) == expect["models"] and ens["inputs"]["mode"] == "block-wise average"
     if "grown" in expect:  # the growing input, named as this server declares it
         (_, ens), = nodes_of(prompt, "AFAEnsemble")
         (_, merge), = nodes_of(prompt, "AFACLIPMerge")
@@ -212,6 +253,7 @@ def test_converter_follows_primitive_nodes_and_reroutes(object_info):
 def tiny(prompt: dict) -> dict:
     """Tiny settings for a CPU: 96x64, a tenth of the steps (at least 2), 2 training steps."""
     set_inputs(prompt, "EmptyLatentImage", width=WIDTH, height=HEIGHT, batch_size=1)
+    set_inputs(prompt, "EmptySD3LatentImage", width=WIDTH, height=HEIGHT, batch_size=1)
     for _, node in nodes_of(prompt, "KSampler"):
         steps = node["inputs"]["steps"]
         if not isinstance(steps, list):
@@ -219,6 +261,8 @@ def tiny(prompt: dict) -> dict:
     set_inputs(prompt, "AFATrainAggregator", steps=2, resolution=64, batch_size=1, save_every=0,
                gradient_checkpointing=False, validation_fraction=0.25)
     set_inputs(prompt, "AFAAttentionPreview", cell=48)
+    for cls in DATASET_NODES[1:]:
+        set_inputs(prompt, cls, resolution=64, steps=2, seeds=1, max_images=2)
     return prompt
 
 
@@ -297,8 +341,10 @@ def test_workflow_runs(path, server, object_info, models_dir):
     art = artifacts_dir(label(path))
     (art / "prompt_api.json").write_text(json.dumps(prompt, indent=2), encoding="utf-8")
     trains = nodes_of(prompt, "AFATrainAggregator")
+    for cls in DATASET_NODES:
+        for _, node in nodes_of(prompt, cls):
+            make_dataset(srv.input_dir / node["inputs"]["dataset_folder"])
     for _, node in trains:
-        make_dataset(srv.input_dir / node["inputs"]["dataset_folder"])
         created.append(Path(models_dir) / "afa" / f"{node['inputs']['save_name']}.safetensors")
 
     log_start = len(srv.log_text())
@@ -475,5 +521,39 @@ def test_frontend_loads_workflows_and_agrees_with_converter(server, object_info)
             for cls, sockets in res["afa"]:  # no stray sockets of an older naming (web/afa_slots.js)
                 declared = {n for n, _, _ in input_specs(object_info[cls])}
                 assert set(sockets) <= declared, f"{path.name}: {cls} shows {sorted(set(sockets) - declared)}"
+            if path == FLUX_WORKFLOW:
+                picture_of_the_graph(b, ARTIFACTS / FLUX_PICTURE.name)
     finally:
         b.close()
+    if os.environ.get("AFA_UPDATE_DOCS_IMAGES") == "1":  # the README's picture, kept small (256 colours)
+        from PIL import Image
+        with Image.open(ARTIFACTS / FLUX_PICTURE.name) as im:
+            im.convert("RGB").quantize(256).save(FLUX_PICTURE, optimize=True)
+
+
+def picture_of_the_graph(b, path: Path) -> None:
+    """The loaded graph fitted to a 1600x1200 page (at a zoom the frontend draws in full detail,
+    no minimap), as a screenshot; checked not to be blank."""
+    b.send("Emulation.setDeviceMetricsOverride", {"width": 1600, "height": 1200, "deviceScaleFactor": 1,
+                                                  "mobile": False})
+    b.eval("(async () => { const app = window.comfyAPI.app.app, c = app.canvas, s = app.extensionManager.setting;"
+           " await s.set('Comfy.Minimap.Visible', false);"
+           " await s.set('LiteGraph.Canvas.LowQualityRenderingZoomThreshold', 0.1);"
+           " await new Promise(r => setTimeout(r, 300));"
+           " const xs = app.graph.nodes.flatMap(n => [n.pos[0], n.pos[0] + n.size[0]]);"
+           " const ys = app.graph.nodes.flatMap(n => [n.pos[1] - 30, n.pos[1] + n.size[1]]);"
+           " const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];"
+           " const r = c.canvas.getBoundingClientRect(), [left, top, right, bottom] = [70, 80, 20, 20];"
+           " const [w, h] = [r.width - left - right, r.height - top - bottom];"
+           " const scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1);"
+           " c.ds.scale = scale;"
+           " c.ds.offset = [(left + (w - (x1 - x0) * scale) / 2) / scale - x0,"
+           "                (top + (h - (y1 - y0) * scale) / 2) / scale - y0];"
+           " c.setDirty(true, true); c.draw(true, true);"
+           " await new Promise(r => setTimeout(r, 500)); })()")
+    b.screenshot(path)
+    b.send("Emulation.clearDeviceMetricsOverride")
+    from PIL import Image
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert pixels.shape[:2] == (1200, 1600) and pixels.std() > 10, f"{path}: blank screenshot"

@@ -229,12 +229,17 @@ class _Converter:
         """{input name: value} from widgets_values, in widget order."""
         values = node.get("widgets_values")
         widgets = [(n, s) for n, s, _ in specs if is_widget(s)]
+        optional = {n for n, s, section in specs if section == "optional" and "default" in _spec_options(s)}
         if values is None:
             values = []
         if isinstance(values, dict):  # some nodes serialize by name
             return {n: values[n] for n, _ in widgets if n in values}
         out, i = {}, 0
-        for name, spec in widgets:
+        for k, (name, spec) in enumerate(widgets):
+            if i >= len(values) and {n for n, _ in widgets[k:]} <= optional:
+                # a file saved before optional inputs were appended: the frontend gives them their defaults
+                out.update((n, _spec_options(s)["default"]) for n, s in widgets[k:])
+                break
             if i >= len(values):
                 self.fail(f"widgets_values has {len(values)} value(s) but the node has more widgets "
                           f"(missing '{name}' and after; widgets: {[n for n, _ in widgets]})", node)
