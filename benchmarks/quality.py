@@ -264,10 +264,9 @@ def denoise_all(executors, unets, schedule, val, ctx_table, seed):
     return out, pictures
 
 
-def run_seed(seed, cfg, schedule, ctx_table):
-    from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
-    from afa_nodes.core.layout import derive_layout
-    t0 = time.perf_counter()
+def train_experts(seed, cfg, schedule, ctx_table):
+    """The seed's data and its two experts fine-tuned from a shared base (also used by
+    benchmarks/map_refresh_study.py). Returns (train latents, train kinds, val, unets, base loss)."""
     uniform_p = [1 / 3] * 3
     latents, kinds = make_set(cfg["train"], uniform_p, seed * 1000 + 1)
     v_lat, v_kinds = make_set(cfg["val"], uniform_p, seed * 1000 + 2)
@@ -285,6 +284,15 @@ def run_seed(seed, cfg, schedule, ctx_table):
         unet.load_state_dict(base.state_dict())
         unets.append(train_unet(unet, schedule, latents, kinds, ctx_table, cfg["expert_steps"], cfg["batch"],
                                 5e-4, p, seed * 1000 + 10 + i)[0])
+    return latents, kinds, val, unets, base_loss
+
+
+def run_seed(seed, cfg, schedule, ctx_table):
+    from afa_nodes.core.ensemble import EnsembleExecutor, uniform_mixer
+    from afa_nodes.core.layout import derive_layout
+    t0 = time.perf_counter()
+    latents, kinds, val, unets, base_loss = train_experts(seed, cfg, schedule, ctx_table)
+    v_lat, v_kinds = val[:2]
     t_experts = time.perf_counter() - t0
     logger.info("  seed %d: base + experts trained in %.0f s", seed, t_experts)
     layout = derive_layout(unets[0])
