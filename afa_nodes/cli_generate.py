@@ -11,7 +11,7 @@ import torch
 
 from . import logger
 from .core.image_file import save_png
-from .core.spec import MODE_NAMES, Mode
+from .core.spec import FULL_RES_HELP, FULL_RES_NAMES, MODE_NAMES, FullRes, Mode
 
 DEMO_DIR = Path.home() / ".cache" / "comfyui-afa" / "demo-checkpoints"
 
@@ -23,6 +23,7 @@ def add_arguments(p):
     p.add_argument("--mode", default=None, help=f"{' | '.join(MODE_NAMES)} (default: {Mode.AGGREGATOR} "
                    f"if --aggregator is given, else {Mode.BLOCK_AVERAGE})")
     p.add_argument("--weights", default="", help=f"for '{Mode.FIXED_WEIGHTS}', e.g. '0.6,0.4'")
+    p.add_argument("--full-res", default=FullRes.EXACT.value, choices=FULL_RES_NAMES, help=FULL_RES_HELP)
     p.add_argument("--prompt", default="a watercolor painting of a lighthouse at dawn")
     p.add_argument("--negative", default="")
     p.add_argument("--width", type=int, default=None)
@@ -58,7 +59,8 @@ def run(args) -> int:
         paths = [Path(p).expanduser().resolve() for p in args.checkpoint]
     try:
         mode = parse_mode(args.mode) if args.mode else (Mode.AGGREGATOR if args.aggregator else Mode.BLOCK_AVERAGE)
-        spec = EnsembleSpec.from_ui([str(p) for p in paths], mode, args.aggregator, args.weights).checked()
+        spec = EnsembleSpec.from_ui([str(p) for p in paths], mode, args.aggregator, args.weights,
+                                    full_res=args.full_res).checked()
         size = 128 if synthetic else 512
         settings = sampling.SampleSettings(
             prompt=args.prompt, negative=args.negative, width=args.width or size, height=args.height or size,

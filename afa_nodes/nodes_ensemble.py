@@ -14,7 +14,8 @@ dropdown, and saved workflows store the loader's widget values by position.
 from comfy_api.v0_0_2 import io
 
 from .core.errors import AFAError
-from .core.spec import MAX_MODELS, MIN_MODELS, MODE_HELP, MODE_NAMES, WEIGHTS_HELP, EnsembleSpec, Mode
+from .core.spec import (FULL_RES_HELP, FULL_RES_NAMES, MAX_MODELS, MIN_MODELS, MODE_HELP, MODE_NAMES, WEIGHTS_HELP,
+                        EnsembleSpec, FullRes, Mode)
 from .service import models as service_models
 
 CATEGORY = "AFA"
@@ -98,6 +99,12 @@ def _map_refresh() -> io.Input:
                  "as good in BENCHMARKS.md; higher is faster and more approximate).")))
 
 
+def _full_res() -> io.Input:
+    return advanced(io.Combo.Input(
+        "full_res", options=FULL_RES_NAMES, default=FullRes.EXACT.value, optional=True,
+        tooltip=f"For '{Mode.AGGREGATOR.value}': {FULL_RES_HELP}"))
+
+
 class AFAEnsembleLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -113,7 +120,7 @@ class AFAEnsembleLoader(io.ComfyNode):
                    + _ensemble_options()
                    + [io.Combo.Input(f"ckpt_{i}", options=[NONE] + ckpts, default=NONE, optional=True,
                                      tooltip=f"Optional checkpoint {i}.") for i in range(3, MAX_MODELS + 1)]
-                   + [_map_refresh()],
+                   + [_map_refresh(), _full_res()],
             outputs=[io.Model.Output(tooltip="The AFA ensemble: use it like any MODEL."),
                      io.Clip.Output(tooltip="Encodes prompts with each model's own text encoder (use it for "
                                             "positive and negative)."),
@@ -126,11 +133,12 @@ class AFAEnsembleLoader(io.ComfyNode):
         return service_models.files_fingerprint("checkpoints", ckpts) + "#" + service_models.files_fingerprint("afa", [aggregator])
 
     @classmethod
-    def execute(cls, aggregator, mode, weights, model_index, map_refresh=1, **ckpts) -> io.NodeOutput:
+    def execute(cls, aggregator, mode, weights, model_index, map_refresh=1, full_res=FullRes.EXACT.value,
+                **ckpts) -> io.NodeOutput:
         names = [ckpts[f"ckpt_{i}"] for i in SLOTS if ckpts.get(f"ckpt_{i}") not in (None, NONE)]
         if len(names) < MIN_MODELS:
             raise AFAError("AFA Ensemble Loader needs at least 2 checkpoints: choose ckpt_1 and ckpt_2.")
-        spec = EnsembleSpec.from_ui(names, mode, aggregator, weights, model_index, map_refresh)
+        spec = EnsembleSpec.from_ui(names, mode, aggregator, weights, model_index, map_refresh, full_res=full_res)
         loaded = service_models.load_ensemble(spec)
         return io.NodeOutput(loaded.model, loaded.clip, loaded.vae)
 
@@ -149,15 +157,16 @@ class AFAEnsemble(io.ComfyNode):
                    + _ensemble_options()
                    + [Aggregator.Input("aggregator", optional=True, tooltip=(
                        f"From AFA Load Aggregator; needed for mode '{Mode.AGGREGATOR.value}'.")),
-                      _map_refresh()],
+                      _map_refresh(), _full_res()],
             outputs=[io.Model.Output()])
 
     @classmethod
     def execute(cls, mode, weights, model_index, map_refresh=1, aggregator=None, models=None,
-                **slots) -> io.NodeOutput:
+                full_res=FullRes.EXACT.value, **slots) -> io.NodeOutput:
         given = grown_values("AFAEnsemble", models, slots)
         names = [k.replace("_", " ") for k, _ in given]  # a MODEL does not know its file
-        spec = EnsembleSpec.from_ui((), mode, getattr(aggregator, "path", None), weights, model_index, map_refresh)
+        spec = EnsembleSpec.from_ui((), mode, getattr(aggregator, "path", None), weights, model_index, map_refresh,
+                                    full_res=full_res)
         return io.NodeOutput(service_models.ensemble_of_models([m for _, m in given], names, spec, aggregator))
 
 

@@ -8,14 +8,18 @@ one process, repeated, and their medians are compared with N single-model steps:
     SABW                 the paper-size aggregator at every block, every step
     SABW map_refresh k   the aggregator runs on one step in k (maps re-used in between);
                          timed over k consecutive steps of one run, divided by k
+    SABW <full_res>      the aggregator with a cheaper option at the full-resolution points
+                         (pooled attention, half resolution: EnsembleSpec.full_res)
 The aggregator's own time is measured inside the run, per latent resolution.
 `--clock cpu` times process CPU seconds instead of wall seconds: on a shared machine it
-is far less disturbed by other jobs (use with --threads 1). `--memory` measures peak RSS
+is far less disturbed by other jobs (use with --threads 1); `--clock thread` the calling
+thread's CPU seconds (with --threads 1 all the work is on it). `--memory` measures peak RSS
 of each configuration in its own subprocess.
 
     python benchmarks/inference_cost.py                       # 256 px, N = 2, 3
     python benchmarks/inference_cost.py --size 512 --repeats 3
     python benchmarks/inference_cost.py --threads 1 --clock cpu
+    python benchmarks/inference_cost.py --threads 1 --clock thread --full-res   # + every full_res option
     python benchmarks/inference_cost.py --unet-attention pytorch  # UNets on scaled_dot_product_attention
     python benchmarks/inference_cost.py --memory --models 1 2 3
     python benchmarks/inference_cost.py --quick               # tiny UNet, smoke test
@@ -89,7 +93,7 @@ def build_aggregator(layout, n, aggregator_config, device="cpu", dtype=torch.flo
 
 def make_clock(kind, device):
     """Seconds now; on CUDA after the queued kernels finished (else a clock measures launches)."""
-    base = time.process_time if kind == "cpu" else time.perf_counter
+    base = {"cpu": time.process_time, "thread": time.thread_time, "wall": time.perf_counter}[kind]
     if torch.device(device).type != "cuda":
         return base
 
@@ -106,10 +110,10 @@ class AggregatorClock:
         self.seconds = collections.Counter()
         self.clock, forward = clock, agg.forward
 
-        def timed_forward(point, features, temb, context):
+        def timed_forward(point, features, temb, context, *options):
             start = clock()
-            out = forward(point, features, temb, context)
-            self.seconds[features.shape[-1]] += clock() - start
+            out = forward(point, features, temb, context, *options)
+            self.seconds[out.shape[-1]] += clock() - start
             return out
         agg.forward = timed_forward
 
@@ -141,7 +145,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--refresh", type=int, nargs="*", default=[2, 3], help="map_refresh values to time")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    p.add_argument("--clock", choices=["wall", "cpu", "thread"], default="wall")
+    p.add_argument("--full-res", nargs="*", default=None, metavar="OPTION",
+                   help="also time SABW with these full-resolution options (no value: all but exact)")
     p.add_argument("--unet-attention", choices=["comfy-default", "pytorch"], default="comfy-default",
                    help="the UNets' attention: ComfyUI's default for the device (sub-quadratic on CPU) or "
                         "--use-pytorch-cross-attention (scaled_dot_product_attention). The aggregator always "
@@ -154,7 +160,10 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="UNets', aggregator's and inputs' dtype")
     p.add_argument("--comfyui", default=None)
     args = p.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and (args.clock == "cpu" or args.memory):
+    from afa_nodes.core.spec import FullRes, parse_full_res
+    args.full_res = ([o for o in FullRes if o is not FullRes.EXACT] if args.full_res == []
+                     else [parse_full_res(o) for o in args.full_res or ()])
+    if torch.device(args.device).type == "cuda" and (args.clock != "wall" or args.memory):
         p.error("--clock cpu and --memory measure this process on the CPU; on CUDA use the wall clock, no --memory")
     return args
 
@@ -195,6 +204,9 @@ def time_steps(args, unets, agg_config, inputs):
                     "SABW": (afa_step(unets[:n], SABWMixer(agg)), 1)}
         for k in args.refresh:
             variants[f"SABW map_refresh {k}"] = (afa_step(unets[:n], SABWMixer(agg, refresh_every=k), k), k)
+        for option in args.full_res:
+            variants[f"SABW {option}"] = (afa_step(unets[:n], SABWMixer(agg, full_res=option)), 1)
+        shared = {name for name, (_, k) in variants.items() if name.startswith("SABW") and k == 1}
 
         def singles(models=unets[:n]):
             return [u(x, t, context=c, y=y, transformer_options={}) for u in models]
@@ -202,7 +214,7 @@ def time_steps(args, unets, agg_config, inputs):
             fn(x, t, c, y)
         finite = all(bool(torch.isfinite(out).all()) for out in singles())
         times = {name: [] for name in ["N single steps", *variants]}
-        agg_share = collections.Counter()
+        agg_share = {name: collections.Counter() for name in shared}
         for r in range(args.repeats):  # interleaved, order rotated: the machine's noise hits all alike
             names = list(times)
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -215,16 +227,15 @@ def time_steps(args, unets, agg_config, inputs):
                     fn, k = variants[name]
                     fn(x, t, c, y)
                     times[name].append((clock() - start) / k)
-                    if name == "SABW":
-                        agg_share.update({side: s / times[name][-1] for side, s in spent.seconds.items()})
+                    if name in shared:
+                        agg_share[name].update({side: s / times[name][-1] for side, s in spent.seconds.items()})
         base = statistics.median(times["N single steps"])
-        share = {side: v / args.repeats for side, v in agg_share.items()}
         for name, values in times.items():
+            share = {side: v / args.repeats for side, v in agg_share[name].items()} if name in shared else None
             rows.append(dict(n=n, variant=name, seconds=statistics.median(values),
                              ratio=statistics.median(values) / base,
-                             aggregator_share=sum(share.values()) if name == "SABW" else None,
-                             share_by_side=share if name == "SABW" else None, params=count_parameters(agg),
-                             finite=finite))
+                             aggregator_share=sum(share.values()) if share else None,
+                             share_by_side=share, params=count_parameters(agg), finite=finite))
     return rows
 
 

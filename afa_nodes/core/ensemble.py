@@ -13,11 +13,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import AFAError
 from .family import Layout
-from .spec import EnsembleSpec, Mode, StepContext, parse_weights
+from .spec import EnsembleSpec, FullRes, Mode, StepContext, parse_weights
 
 
 class Mixer:
-    """weights(point, features (batch, models, C, H, W), temb, context) ->
+    """weights(point, features: the N models' (batch, C, H, W), temb, context) ->
     (batch, models, H or 1, W or 1) summing to 1 over models, or None to keep the
     models' streams separate at this point. `begin(step)` is called once per UNet call."""
 
@@ -33,15 +33,21 @@ class SABWMixer(Mixer):
 
     `refresh_every` k > 1 (off by default) re-uses each point's maps for k sampling steps
     (they change slowly): the aggregator then runs on one step in k. Needs `begin(step)`
-    with step = (sigma, batch key); a sigma above the previous one starts a new run."""
+    with step = (sigma, batch key); a sigma above the previous one starts a new run.
 
-    def __init__(self, aggregator, time_input=True, text_input=True, refresh_every=1):
+    `full_res` (spec.FullRes) is how the aggregator runs at the full-resolution points: those
+    as large as the call's first point (a UNet's input 0; every point of a DiT)."""
+
+    def __init__(self, aggregator, time_input=True, text_input=True, refresh_every=1, full_res=FullRes.EXACT):
         self.aggregator = aggregator
         self.time_input, self.text_input = time_input, text_input
         self.refresh_every = refresh_every
+        self.full_res = FullRes(full_res)
         self._cache, self._sigma, self._steps, self._batch = {}, None, 0, None
+        self._full_area = None
 
     def begin(self, step):
+        self._full_area = None
         if self.refresh_every <= 1 or step is None:
             self._batch = None
             return
@@ -58,15 +64,19 @@ class SABWMixer(Mixer):
         return step % self.refresh_every == 0
 
     def weights(self, point, features, temb, context):
+        area = features[0].shape[-2] * features[0].shape[-1]
+        self._full_area = self._full_area or area
         key = None
         if self._batch is not None:
-            key = (self._batch, point, tuple(features.shape))
+            key = (self._batch, point, tuple(features[0].shape))
             if not self.fresh(self._steps) and key in self._cache:
                 return self._cache[key]
         p = next(self.aggregator.parameters())
         temb = temb if self.time_input else torch.zeros_like(temb)
         context = context if self.text_input else torch.zeros_like(context)
-        w = self.aggregator(point, features.to(p.dtype), temb.to(p.dtype), context.to(p.dtype)).to(features.dtype)
+        option = self.full_res if area >= self._full_area else FullRes.EXACT
+        w = self.aggregator(point, [f.to(p.dtype) for f in features], temb.to(p.dtype), context.to(p.dtype),
+                            option).to(features[0].dtype)
         if key is not None:
             self._cache[key] = w
         return w
@@ -83,10 +93,11 @@ class ConstantMixer(Mixer):
         row = self.table[point]
         if row is None:
             return None
-        key = (point, features.dtype, features.device)
+        first = features[0]
+        key = (point, first.dtype, first.device)
         if key not in self._cache:
-            self._cache[key] = row.to(features.device, features.dtype).view(1, -1, 1, 1)
-        return self._cache[key].expand(features.shape[0], -1, 1, 1)
+            self._cache[key] = row.to(first.device, first.dtype).view(1, -1, 1, 1)
+        return self._cache[key].expand(first.shape[0], -1, 1, 1)
 
 
 def uniform_mixer(num_points, n):
@@ -158,16 +169,17 @@ class _Engine:
         says so (None) at this point."""
         if len(outs) == 1:
             return outs
-        features = torch.stack(outs, dim=1)  # (batch, models, channels, *spatial)
-        w = self.mixer.weights(point, features, temb, cbar)
+        w = self.mixer.weights(point, outs, temb, cbar)
         if w is None:
             return outs
         if self.ctx.recorder is not None:
             self.ctx.recorder(point, w, self.ctx)
         # sum_i w_i y_i written as y_1 + sum_{i>1} w_i (y_i - y_1) (equal, as sum_i w_i = 1):
-        # identical experts then give y_1 exactly, whatever the weights.
+        # identical experts then give y_1 exactly, whatever the weights. No stacked copy of the N maps.
         w = w.unsqueeze(2)  # (batch, models, 1, *spatial)
-        mixed = outs[0] + ((features[:, 1:] - features[:, :1]) * w[:, 1:]).sum(dim=1)
+        mixed = outs[0]
+        for i in range(1, len(outs)):
+            mixed = torch.addcmul(mixed, w[:, i], outs[i] - outs[0])
         return [mixed] * len(outs)
 
 
@@ -178,7 +190,7 @@ def mixer_for(spec: EnsembleSpec, layout: Layout, num_models: int, aggregator=No
     if mode is Mode.AGGREGATOR:
         if aggregator is None:
             raise AFAError("mode 'aggregator' needs an aggregator module.")
-        return SABWMixer(aggregator, refresh_every=spec.map_refresh)
+        return SABWMixer(aggregator, refresh_every=spec.map_refresh, full_res=spec.full_res)
     if mode is Mode.BLOCK_AVERAGE:
         return uniform_mixer(points, num_models)
     if mode is Mode.NOISE_AVERAGE:
@@ -197,5 +209,5 @@ class BlockScalarMixer(torch.nn.Module, Mixer):
         self.logits = torch.nn.Parameter(torch.zeros(num_points, num_models))
 
     def weights(self, point, features, temb, context):
-        w = torch.softmax(self.logits[point].float(), dim=0).to(features.dtype)
-        return w.view(1, -1, 1, 1).expand(features.shape[0], -1, 1, 1)
+        w = torch.softmax(self.logits[point].float(), dim=0).to(features[0].dtype)
+        return w.view(1, -1, 1, 1).expand(features[0].shape[0], -1, 1, 1)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .spec import FullRes
+
 TORCH_OPERATIONS = SimpleNamespace(Linear=nn.Linear, Conv2d=nn.Conv2d, GroupNorm=nn.GroupNorm,
                                    LayerNorm=nn.LayerNorm)
 
@@ -85,15 +87,37 @@ class GEGLU(nn.Module):
         return x * F.gelu(gate)
 
 
+# On the CPU the feed-forward runs on pieces of this many (batch x token) rows: its 8d-wide
+# intermediates then stay ~1 MB, which the allocator re-uses, instead of fresh multi-MB buffers
+# paid in page faults (7-11% of a full-resolution SABW block, measured; rows are independent,
+# so the result is the same).
+FEED_FORWARD_ROWS = 256
+
+
 class FeedForward(nn.Module):
     def __init__(self, d, ops):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(d, 4 * d, ops), nn.Identity(), ops.Linear(4 * d, d)])
 
     def forward(self, x):
+        # x: (batch, tokens, d)
+        batch, tokens = x.shape[:2]
+        if x.device.type != "cpu" or batch * tokens <= FEED_FORWARD_ROWS:
+            return self._rows(x)
+        return torch.cat([self._rows(part) for part in x.split(max(1, FEED_FORWARD_ROWS // batch), dim=1)], dim=1)
+
+    def _rows(self, x):
         for layer in self.net:
             x = layer(x)
         return x
+
+
+def pooled_tokens(tokens, grid):
+    """(batch, h*w, d) tokens of an h x w grid -> (batch, ceil(h/2)*ceil(w/2), d), 2x2 averages
+    (an odd last row/column is averaged over the positions it has)."""
+    height, width = grid
+    picture = tokens.transpose(1, 2).unflatten(2, (height, width))  # (batch, d, h, w), a view
+    return F.avg_pool2d(picture, 2, ceil_mode=True).flatten(2).transpose(1, 2)
 
 
 class TransformerBlock(nn.Module):
@@ -106,9 +130,11 @@ class TransformerBlock(nn.Module):
         self.norm3 = ops.LayerNorm(d)
         self.ff = FeedForward(d, ops)
 
-    def forward(self, x, context):
+    def forward(self, x, context, pool_grid=None):
+        """pool_grid (h, w): self-attention reads keys/values of the 2x2-averaged grid (to_k and
+        to_v are linear, so this is attention over pooled keys and values, same weights)."""
         h = self.norm1(x)
-        x = x + self.attn1(h, h)
+        x = x + self.attn1(h, h if pool_grid is None else pooled_tokens(h, pool_grid))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -124,11 +150,11 @@ class Transformer(nn.Module):
             [TransformerBlock(d, heads, context_dim, ops) for _ in range(depth)])
         self.proj_out = ops.Conv2d(d, d, 1)
 
-    def forward(self, x, context):
+    def forward(self, x, context, pool_kv=False):
         _, _, height, width = x.shape
         h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, (height, width) if pool_kv else None)
         h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(h)
 
@@ -145,12 +171,24 @@ class SABWBlock(nn.Module):
         self.transformer = Transformer(d, config.heads, config.depth, config.context_dim, ops)
         self.conv_out = ops.Conv2d(d, n, 1, bias=False)
 
-    def forward(self, features, temb, context):
-        """features (batch, models, channels, h, w) -> weights (batch, models, h, w), softmax over models."""
-        x = self.conv_in(rearrange(features, "b n c h w -> b (n c) h w"))
-        x = self.res_block(x, temb)
-        x = self.transformer(x, context)
-        return torch.softmax(self.conv_out(x).float(), dim=1).to(features.dtype)
+    def forward(self, features, temb, context, full_res=FullRes.EXACT):
+        """features: the N models' (batch, channels, h, w) maps, or them stacked (batch, models,
+        channels, h, w) -> weights (batch, models, h, w), softmax over models (in fp32).
+        `full_res` (for the points at the latent's full resolution): EXACT; POOLED self-attends
+        over 2x2-averaged keys/values; HALF runs the block on 2x2-averaged features and
+        upsamples its logits (bilinear) before the softmax. Same weights in every case."""
+        if torch.is_tensor(features):
+            x = features.flatten(1, 2)               # (batch, models * channels, h, w), a view
+        else:
+            x = torch.cat(list(features), dim=1)     # the same, from the N maps
+        size, dtype = x.shape[-2:], x.dtype
+        if full_res is FullRes.HALF:
+            x = F.avg_pool2d(x, 2, ceil_mode=True)  # commutes with the 1x1 conv_in
+        x = self.res_block(self.conv_in(x), temb)
+        logits = self.conv_out(self.transformer(x, context, pool_kv=full_res is FullRes.POOLED))
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return torch.softmax(logits.float(), dim=1).to(dtype)
 
 
 class Aggregator(nn.Module):
@@ -182,8 +220,8 @@ class Aggregator(nn.Module):
                 bound = (1.0 / fan_in) ** 0.5
                 p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
 
-    def forward(self, point: int, features, temb, context):
-        return self.blocks[point](features, temb, context)
+    def forward(self, point: int, features, temb, context, full_res=FullRes.EXACT):
+        return self.blocks[point](features, temb, context, full_res)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -39,6 +39,35 @@ class Mode(str, Enum):
         return self is not Mode.SINGLE_MODEL
 
 
+class FullRes(str, Enum):
+    """How the aggregator runs at the points at the latent's full resolution, where it costs most
+    (self-attention over every position). Every option uses the same trained weights."""
+    EXACT = "exact"                      # the paper's aggregator
+    POOLED = "pooled attention"          # self-attention over 2x2-averaged keys and values
+    HALF = "half resolution"             # the block on 2x2-averaged features, maps upsampled
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FULL_RES_NAMES = [f.value for f in FullRes]
+FULL_RES_HELP = ("How the aggregator runs at the full-resolution points, where it costs most. exact: the "
+                 "paper's method. pooled attention: its self-attention reads 2x2-averaged keys and values. "
+                 "half resolution: it runs on 2x2-averaged features, maps upsampled. Same aggregator file; "
+                 "speed and quality measured in BENCHMARKS.md.")
+
+
+def parse_full_res(text) -> FullRes:
+    """'pooled attention' / 'pooled_attention' / 'POOLED' / FullRes -> FullRes; else an AFAError."""
+    if isinstance(text, FullRes):
+        return text
+    key = str(text or "").strip().lower().replace("_", " ").replace("-", " ")
+    for option in FullRes:
+        if key in (option.value, option.name.lower()):
+            return option
+    raise AFAError(f"unknown full-resolution option '{text}'; choose one of: {', '.join(FULL_RES_NAMES)}.")
+
+
 MODE_NAMES = [m.value for m in Mode]
 MODE_HELP = ("aggregator: the trained SABW aggregator mixes the models per pixel (needs an aggregator file). "
              "block-wise average: every block's outputs averaged (no training needed). "
@@ -103,14 +132,15 @@ class EnsembleSpec:
     single_index: int = 0                 # mode SINGLE_MODEL: which expert runs, 0-based
     map_refresh: int = 1                  # mode AGGREGATOR: recompute the maps every k steps
     precision: str = "auto"               # the aggregator's compute dtype (PRECISIONS)
+    full_res: FullRes = FullRes.EXACT     # mode AGGREGATOR: the aggregator at full-resolution points
 
     @classmethod
     def from_ui(cls, checkpoints=(), mode=Mode.BLOCK_AVERAGE, aggregator=None, weights="", model_index=1,
-                map_refresh=1, precision="auto") -> "EnsembleSpec":
+                map_refresh=1, precision="auto", full_res=FullRes.EXACT) -> "EnsembleSpec":
         """From a front end's fields: `model_index` is 1-based there; 'none'/'' means no aggregator."""
         agg = None if aggregator in (None, "", "none") else str(aggregator)
         return cls(tuple(str(c) for c in checkpoints), parse_mode(mode), agg, weights or "",
-                   int(model_index) - 1, int(map_refresh), precision or "auto")
+                   int(model_index) - 1, int(map_refresh), precision or "auto", parse_full_res(full_res))
 
     @property
     def model_index(self) -> int:
@@ -132,13 +162,14 @@ class EnsembleSpec:
             raise AFAError(f"map refresh must be at least 1 (1 = every step), got {self.map_refresh}.")
         if self.precision not in PRECISIONS:
             raise AFAError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'.")
-        return replace(self, mode=mode, map_refresh=int(self.map_refresh))
+        return replace(self, mode=mode, map_refresh=int(self.map_refresh), full_res=parse_full_res(self.full_res))
 
     def to_dict(self) -> dict:
         """JSON-ready (PNG settings, aggregator metadata); the inverse is `from_dict`."""
         d = asdict(self)
         d["mode"], d["checkpoints"] = self.mode.value if isinstance(self.mode, Mode) else str(self.mode), \
             list(self.checkpoints)
+        d["full_res"] = str(self.full_res)
         return d
 
     @classmethod
@@ -146,6 +177,7 @@ class EnsembleSpec:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         known["checkpoints"] = tuple(known.get("checkpoints", ()))
         known["mode"] = parse_mode(known.get("mode", Mode.BLOCK_AVERAGE))
+        known["full_res"] = parse_full_res(known.get("full_res", FullRes.EXACT))
         return cls(**known)
 
 
