@@ -25,7 +25,8 @@ DATASET = "studio_ds"
 SMALL = dict(width=64, height=64, steps=2, cfg=2.0, prompt="a red picture", negative="", seed=7)
 TRAIN = dict(dataset_folder=DATASET, steps=2, batch_size=2, learning_rate=1e-3, resolution=64, save_every=0,
              validation_fraction=0.34, gradient_checkpointing=False)
-ENDPOINTS = {"/generate", "/maps", "/train_start", "/train_stop", "/status", "/refresh"}
+ENDPOINTS = {"/generate", "/maps", "/train_start", "/train_stop", "/status", "/refresh", "/cancel",
+             "/cache_clear", "/demo"}
 
 
 @contextlib.contextmanager
@@ -67,7 +68,7 @@ def names(sd15_checkpoints):
 
 
 @pytest.fixture(scope="module")
-def studio_cli(comfyui_path, models_dir, tmp_path_factory):
+def studio_cli(comfyui_path, models_dir, sd15_checkpoints, tmp_path_factory):
     """`python -m afa_nodes studio` in a subprocess, started by the module's first test (it boots
     ComfyUI on the other core while the other tests run) and stopped with Ctrl-C by the last."""
     from comfy_server import free_port
@@ -75,13 +76,18 @@ def studio_cli(comfyui_path, models_dir, tmp_path_factory):
     yaml = root / "extra_model_paths.yaml"
     yaml.write_text(f'studio_test:\n    base_path: "{models_dir}"\n    checkpoints: checkpoints\n    afa: afa\n')
     port, log = free_port(), root / "studio.log"
+    demo_folder = root / "demo"   # --demo: the test cache's demo files linked there (nothing is built)
+    demo_folder.mkdir()
+    for p in sd15_checkpoints:
+        (demo_folder / p.name).symlink_to(p.resolve())
     cmd = [sys.executable, "-m", "afa_nodes", "studio", "--port", str(port), "--extra-model-paths-config", str(yaml),
-           "--input-directory", str(root / "input"), "--output-directory", str(root / "output")]
+           "--input-directory", str(root / "input"), "--output-directory", str(root / "output"),
+           "--demo", str(demo_folder), "--cache-checkpoints", "3"]
     env = dict(os.environ, COMFYUI_PATH=str(comfyui_path), OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield SimpleNamespace(proc=proc, port=port, log=log, interrupted=False)
+        yield SimpleNamespace(proc=proc, port=port, log=log, interrupted=False, demo=demo_folder)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -187,8 +193,9 @@ def test_maps_of_the_last_generation_per_session(generated, client, app):
     caption, point, step = generated.maps[:3]
     assert caption.startswith("point middle") and point["value"] == 2 and step["maximum"] == 1
     assert "input 0, input 1, middle, output 0, final" in point["label"]
-    caption, *images = client.predict(point=0, step=0, branch="uncond", image=0, api_name="/maps")
+    caption, *images, hover = client.predict(point=0, step=0, branch="uncond", image=0, api_name="/maps")
     assert caption.startswith("point input 0 (1/5), step 0") and "uncond" in caption
+    assert 'class="afa-hover-map"' in hover and "data-weights=" in hover  # the hover view of that map
     sizes = [Image.open(p).size for p in images]
     assert len(sizes) == 4 and all(w > 100 and h > 100 for w, h in sizes)
     with pytest.raises(AppError, match="greater than maximum value 4"):  # the session's slider fits the run
@@ -198,26 +205,27 @@ def test_maps_of_the_last_generation_per_session(generated, client, app):
 
 
 def test_progress_queue_and_busy_status_are_visible(client, names):
-    """Two requests at once: the second waits in gradio's queue (one job at a time) and is then
-    refused with its own message, the first reports progress through ComfyUI's progress hook, and
-    /status names the running job."""
-    from gradio_client.exceptions import AppError
+    """Two requests at once: the second waits in the studio's queue (one job at a time) and the
+    status line lists it, the first reports progress through ComfyUI's progress hook, then the
+    second runs; /status names the running job and what waits."""
     first = client.submit(checkpoints=names, **SMALL, api_name="/generate")
     deadline = time.monotonic() + 60
     while not status(client)["status"].startswith("Busy: generation"):  # the second must queue behind it
         assert time.monotonic() < deadline and not first.done(), "the first generation did not start"
         time.sleep(0.05)
-    second = client.submit(checkpoints=names[:1], **SMALL, api_name="/generate")
-    progress, lines = set(), []
+    second = client.submit(checkpoints=names, **SMALL, compare=False, api_name="/generate")
+    progress, lines, queues = set(), [], []
     while not (first.done() and second.done()):
         s = first.status()
         progress |= {p.desc for p in (s.progress_data or []) if p.desc}
-        lines.append(status(client)["status"])
+        now = status(client)
+        lines.append(now["status"])
+        queues.append(now["queue"])
         time.sleep(0.1)
-    assert len(gallery(first.result()[0])) == 3
-    with pytest.raises(AppError, match="choose at least 2 checkpoints"):
-        second.result()
-    assert any(line.startswith("Busy: generation") and "1 request(s) waiting" in line for line in lines), lines
+    assert len(gallery(first.result()[0])) == 3 and len(gallery(second.result()[0])) == 1
+    assert any(line.startswith("Busy: generation") and "waiting: 1. generation (2 models" in line
+               for line in lines), lines
+    assert [{"kind": "generation", "label": "2 models, block-wise average, 2 steps, 64x64"}] in queues
     assert any(d.startswith("AFA ensemble: step") for d in progress)
     assert any(d.startswith("base model 2/2") for d in progress)
 
@@ -259,7 +267,9 @@ def test_cli_subcommand_boots_comfyui_and_serves_on_localhost(studio_cli, sd15_c
     waits for open connections) while the training tests below run."""
     from gradio_client import Client
     client = Client(wait_until_serving(studio_cli), verbose=False)
-    assert client.predict(api_name="/status")["status"].startswith("Idle")
+    now = client.predict(api_name="/status")
+    assert now["status"].startswith("Idle") and now["cache"]["capacity"] == 3
+    assert str(studio_cli.demo) in now["checkpoint_folders"]  # --demo: its folder is read too
     checkpoints = [c[0] for c in client.predict(api_name="/refresh")[0]["choices"]]
     assert {p.name for p in sd15_checkpoints} <= set(checkpoints)  # found through extra_model_paths.yaml
     client.close()

@@ -2,10 +2,10 @@
 
 `build_app(studio)` returns the gr.Blocks; `launch(demo, port, share)` serves it on
 127.0.0.1. Named API endpoints (for gradio_client): /generate, /maps, /train_start,
-/train_stop, /status, /refresh. Jobs (/generate, /train_start) share one gradio
-concurrency group with limit 1: gradio queues them and shows each browser its place;
-the status bar says what runs and how many requests wait. Bad input raises gr.Error
-with the back end's AFAError message; the app keeps serving.
+/train_stop, /cancel, /status, /refresh, /cache_clear, /demo. Jobs (/generate,
+/train_start) wait in the studio's own queue (jobs.JobBoard: one runs, the others wait in
+order); the status bar says what runs and lists what waits, and Cancel stops the running
+job. Bad input raises gr.Error with the back end's AFAError message; the app keeps serving.
 """
 from __future__ import annotations
 
@@ -16,13 +16,28 @@ import gradio as gr
 from ..core.errors import AFAError
 from ..core.spec import Mode
 from . import catalog
-from .generation import GenerateRequest
+from .gen_tab import checkpoint_hint, generate_tab, lora_list, wire_generate
 from .state import Studio
 from .train_tab import train_tab, train_values, wire_train
 from .training import validation_rows
 from .ui import JOB_GROUP, TITLE, user_errors, waiting_requests
+from .winmap_tab import winmap_tab
 
 POLL_SECONDS = 1.0
+# the Maps tab's hover view: each model's weight at the position under the pointer (maps_view.hover_html)
+HOVER_JS = """
+element.addEventListener('mousemove', (e) => {
+  const img = e.target.closest('.afa-hover-map');
+  const out = element.querySelector('.afa-hover-readout');
+  if (!img || !out) return;
+  const grid = JSON.parse(img.dataset.weights), models = JSON.parse(img.dataset.models);
+  const r = img.getBoundingClientRect();
+  const y = Math.min(grid.length - 1, Math.max(0, Math.floor((e.clientY - r.top) / r.height * grid.length)));
+  const x = Math.min(grid[0].length - 1, Math.max(0, Math.floor((e.clientX - r.left) / r.width * grid[0].length)));
+  out.innerText = `position x ${x}, y ${y} (of ${grid[0].length} x ${grid.length}): ` +
+    models.map((m, i) => `${m} ${grid[y][x][i].toFixed(3)}`).join(', ');
+});
+"""
 CSS = """
 #afa-status {padding: 6px 12px; border-radius: 6px; background: var(--block-background-fill);}
 #afa-status p {margin: 0;}
@@ -38,73 +53,37 @@ def build_app(studio: Studio) -> gr.Blocks:
     # delete_cache: gradio keeps a copy of every image it served; drop copies older than a day, hourly
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## {TITLE}: ensembles of diffusion models with Adaptive Feature Aggregation")
-        status = gr.Markdown("Idle.", elem_id="afa-status")
+        with gr.Row():
+            status = gr.Markdown("Idle.", elem_id="afa-status")
+            cancel = gr.Button("Cancel the running job", variant="stop", scale=0, min_width=200,
+                               elem_id="afa-cancel")
         seen = gr.State(None)         # per session: what the poll last sent (versions, lists)
         maps_state = gr.State(None)   # per session: MapsView of this session's last generation
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                gen = _generate_tab(studio)
+                gen = generate_tab()
             with gr.Tab("Train", id="train"):
                 train = train_tab()
             with gr.Tab("Maps", id="maps"):
                 maps = _maps_tab()
+            with gr.Tab("Win map", id="winmap"):
+                winmap_tab(studio)
         _wire_generate(studio, gen, maps, maps_state)
         _wire_maps(maps, maps_state)
         wire_train(studio, train)
         _wire_poll(demo, studio, status, seen, gen, train)
 
+        def cancel_job():
+            message = studio.cancel()
+            gr.Info(message, title=TITLE)
+            return studio.board.status_line(waiting_requests(demo))
+        cancel.click(cancel_job, None, status, api_name="cancel", concurrency_limit=None,
+                     api_description="Cancel the running generation (within one step) or stop the training.")
+
         def status_api() -> dict:
             return _status_api(demo, studio)
         gr.api(status_api, api_name="status", api_description="The studio's job and the training run as JSON.")
     return demo
-
-
-def _generate_tab(studio: Studio) -> dict:
-    c = {}
-    with gr.Row():
-        with gr.Column(scale=2, min_width=320):
-            with gr.Row():
-                c["checkpoints"] = gr.Dropdown(catalog.checkpoints(), value=[], multiselect=True, max_choices=6,
-                                               allow_custom_value=True, label="checkpoints (2-6, one architecture)",
-                                               info="From ComfyUI's checkpoints folders and extra_model_paths.yaml.",
-                                               elem_id="afa-gen-checkpoints", scale=5)
-                c["refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="afa-refresh")
-            with gr.Row():
-                c["mode"] = gr.Dropdown(catalog.MODES, value=Mode.BLOCK_AVERAGE.value, label="mode",
-                                        info="'aggregator' needs a trained aggregator; the others need no training.",
-                                        elem_id="afa-gen-mode")
-                c["aggregator"] = gr.Dropdown(catalog.aggregators(), value=catalog.NONE, allow_custom_value=True,
-                                              label="aggregator (models/afa)", elem_id="afa-gen-aggregator")
-            with gr.Row():
-                c["weights"] = gr.Textbox("", label=f"weights ({Mode.FIXED_WEIGHTS})", placeholder="0.6, 0.4", visible=False)
-                c["model_index"] = gr.Number(1, precision=0, minimum=1, maximum=6, label=f"model index ({Mode.SINGLE_MODEL})",
-                                             visible=False)
-            c["prompt"] = gr.Textbox("a watercolor painting of a lighthouse at dawn", lines=2, label="prompt")
-            c["negative"] = gr.Textbox("", lines=1, label="negative prompt")
-            with gr.Row():
-                c["width"] = gr.Slider(64, 2048, 512, step=8, label="width", elem_id="afa-gen-width")
-                c["height"] = gr.Slider(64, 2048, 512, step=8, label="height", elem_id="afa-gen-height")
-            with gr.Row():
-                c["steps"] = gr.Slider(1, 150, 20, step=1, label="steps", elem_id="afa-gen-steps")
-                c["cfg"] = gr.Slider(0.0, 30.0, 7.0, step=0.5, label="CFG", elem_id="afa-gen-cfg")
-            with gr.Row():
-                samplers, schedulers = catalog.samplers(), catalog.schedulers()
-                c["sampler"] = gr.Dropdown(samplers, value="euler" if "euler" in samplers else samplers[0],
-                                           label="sampler")
-                c["scheduler"] = gr.Dropdown(schedulers, value="normal" if "normal" in schedulers else schedulers[0],
-                                             label="scheduler")
-            with gr.Row():
-                c["seed"] = gr.Number(0, precision=0, minimum=0, label="seed")
-                c["batch"] = gr.Slider(1, 16, 1, step=1, label="batch")
-            with gr.Row():
-                c["compare"] = gr.Checkbox(True, label="also each base model (same seed)")
-                c["record_maps"] = gr.Checkbox(True, label="record attention maps (Maps tab)")
-        with gr.Column(scale=3):
-            c["run"] = gr.Button("Generate", variant="primary", elem_id="afa-generate")
-            c["gallery"] = gr.Gallery(label="ensemble | base models (same seed)", columns=3, height="auto",
-                                      object_fit="contain", elem_id="afa-gallery")
-            c["result"] = gr.Markdown("", elem_id="afa-gen-result")
-    return c
 
 
 def _maps_tab() -> dict:
@@ -122,6 +101,7 @@ def _maps_tab() -> dict:
                                   format="png", interactive=False, elem_id="afa-maps-per-model")
         c["overlay"] = gr.Image(label="dominant model over the image", type="pil", format="png", interactive=False,
                                 elem_id="afa-maps-overlay")
+    c["hover"] = gr.HTML("", js_on_load=HOVER_JS, elem_id="afa-maps-hover")
     with gr.Row():
         c["dominant"] = gr.Image(label="dominant model", type="pil", format="png", interactive=False,
                                  elem_id="afa-maps-dominant")
@@ -131,20 +111,16 @@ def _maps_tab() -> dict:
 
 
 # ---------------------------------------------------------------- generate + maps
-GENERATE_PARAMS = ["checkpoints", "mode", "aggregator", "weights", "model_index", "prompt", "negative", "width",
-                   "height", "steps", "cfg", "sampler", "scheduler", "seed", "batch", "compare", "record_maps"]
-
-
 def _maps_outputs(maps: dict) -> list:
     return [maps[k] for k in ("caption", "point", "step", "image", "branch", "per_model", "dominant", "overlay",
-                              "chart")]
+                              "chart", "hover")]
 
 
 def _maps_values(view, note: str = ""):
     """Outputs of `_maps_outputs` for a new generation: sliders sized to its run, first render."""
     if view is None:
         return [note or "No maps for this generation.", gr.Slider(0, 1, 0), gr.Slider(0, 1, 0), gr.Slider(0, 1, 0),
-                gr.Radio(["cond", "uncond"], value="cond"), None, None, None, None]
+                gr.Radio(["cond", "uncond"], value="cond"), None, None, None, None, ""]
     point, step = _default_point(view.points), len(view.steps) - 1
     fig = view.render(point, step, "cond" if "cond" in view.branches else view.branches[0], 0)
     return [fig.caption,
@@ -154,35 +130,18 @@ def _maps_values(view, note: str = ""):
                       label=f"sampler step (0-{len(view.steps) - 1}, of the recorded steps)"),
             gr.Slider(0, max(1, view.batch - 1), 0, step=1, interactive=view.batch > 1, label=f"image of the batch (0-{view.batch - 1})"),
             gr.Radio(view.branches, value="cond" if "cond" in view.branches else view.branches[0]),
-            fig.per_model, fig.dominant, fig.overlay, fig.chart]
+            fig.per_model, fig.dominant, fig.overlay, fig.chart, fig.hover]
 
 
 def _wire_generate(studio: Studio, gen: dict, maps: dict, maps_state):
-    @user_errors
-    def generate(checkpoints, mode, aggregator, weights, model_index, prompt, negative, width, height, steps, cfg,
-                 sampler, scheduler, seed, batch, compare, record_maps, progress=gr.Progress()):  # noqa: B008 (gradio)
-        request = GenerateRequest(
-            checkpoints=list(checkpoints or []), mode=mode, aggregator=aggregator or catalog.NONE,
-            weights=weights or "", model_index=model_index, prompt=prompt, negative=negative, width=width,
-            height=height, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed, batch=batch,
-            compare=bool(compare), record_maps=bool(record_maps))
-        result = studio.generate(request, lambda fraction, text: progress(fraction, desc=text))
+    def on_result(result, batch):
         pictures = [(str(p.path), p.caption) for p in result.pictures]
         folder = Path(result.pictures[0].path).parent if result.pictures else ""
         summary = (f"{len(pictures)} image(s) in {result.seconds:.1f} s, saved in `{folder}` with their settings "
                    "(PNG text 'afa') and the ComfyUI workflow (PNG text 'prompt').")
         columns = min(4, max(1, len(pictures) // max(1, int(batch or 1))))
         return [gr.Gallery(pictures, columns=columns), summary, result.maps] + _maps_values(result.maps, result.note)
-
-    inputs = [gen[k] for k in GENERATE_PARAMS]
-    gen["run"].click(generate, inputs, [gen["gallery"], gen["result"], maps_state] + _maps_outputs(maps),
-                     api_name="generate", concurrency_id=JOB_GROUP, concurrency_limit=1,
-                     api_description="Generate with the ensemble and each base model (same seed).")
-
-    def mode_changed(mode):
-        return gr.Textbox(visible=mode == Mode.FIXED_WEIGHTS), gr.Number(visible=mode == Mode.SINGLE_MODEL)
-    gen["mode"].change(mode_changed, gen["mode"], [gen["weights"], gen["model_index"]], api_visibility="private",
-                       queue=False, show_progress="hidden")
+    wire_generate(studio, gen, on_result, [gen["gallery"], gen["result"], maps_state] + _maps_outputs(maps))
 
 
 def _wire_maps(maps: dict, maps_state):
@@ -192,10 +151,10 @@ def _wire_maps(maps: dict, maps_state):
             raise AFAError("no maps yet in this browser session: generate an image in the Generate tab "
                            "(with 'record attention maps' on), then come back.")
         fig = view.render(int(point), int(step), branch, int(image))
-        return fig.caption, fig.per_model, fig.dominant, fig.overlay, fig.chart
+        return fig.caption, fig.per_model, fig.dominant, fig.overlay, fig.chart, fig.hover
 
     inputs = [maps_state, maps["point"], maps["step"], maps["branch"], maps["image"]]
-    outputs = [maps["caption"], maps["per_model"], maps["dominant"], maps["overlay"], maps["chart"]]
+    outputs = [maps["caption"], maps["per_model"], maps["dominant"], maps["overlay"], maps["chart"], maps["hover"]]
     # .input fires on user changes only (not when a generation resizes the sliders)
     maps["point"].input(render, inputs, outputs, api_name="maps", show_progress="minimal", trigger_mode="always_last",
                         api_description="Render the maps of this session's last generation.")
@@ -206,7 +165,9 @@ def _wire_maps(maps: dict, maps_state):
 
 # ---------------------------------------------------------------- poll (status bar, training, lists)
 def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: dict):
-    lists = [gen["checkpoints"], gen["aggregator"], train["checkpoints"], train["options"]["dataset_folder"]]
+    lists = [gen["checkpoints"], gen["aggregator"], train["checkpoints"], train["options"]["dataset_folder"],
+             gen["controlnet"]]
+    texts = [gen["hint"], gen["cache"], gen["lora_list"]]
     train_outputs = [train["progress"], train["curve"], train["table"], train["report"]]
 
     def poll(last):
@@ -225,9 +186,12 @@ def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: 
             else:
                 last[f"list{i}"] = values
                 out.append(gr.Dropdown(choices=values))
+        for i, text in enumerate(_texts(studio)):
+            out.append(gr.skip() if last.get(f"text{i}") == text else text)
+            last[f"text{i}"] = text
         return out + [last]
 
-    outputs = [status] + train_outputs + lists + [seen]
+    outputs = [status] + train_outputs + lists + texts + [seen]
     gr.Timer(POLL_SECONDS).tick(poll, seen, outputs, api_visibility="private", show_progress="hidden",
                                 concurrency_limit=None, concurrency_id="afa_poll")
     demo.load(poll, seen, outputs, api_visibility="private", show_progress="hidden", concurrency_limit=None,
@@ -242,7 +206,12 @@ def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: 
 def _list_choices() -> list:
     """Choices of the lists the poll keeps fresh, in the order of `_wire_poll`'s `lists`."""
     checkpoints = catalog.checkpoints()
-    return [checkpoints, catalog.aggregators(), checkpoints, catalog.dataset_folders()]
+    return [checkpoints, catalog.aggregators(), checkpoints, catalog.dataset_folders(), catalog.controlnets()]
+
+
+def _texts(studio: Studio) -> list:
+    """Texts the poll keeps fresh, in the order of `_wire_poll`'s `texts`."""
+    return [checkpoint_hint(), studio.cache.summary(), lora_list(catalog.loras())]
 
 
 def _status_api(demo: gr.Blocks, studio: Studio) -> dict:
@@ -251,6 +220,10 @@ def _status_api(demo: gr.Blocks, studio: Studio) -> dict:
     return {"status": studio.board.status_line(waiting_requests(demo)),
             "job": None if job is None else {"kind": job.kind, "label": job.label, "detail": job.detail},
             "waiting": waiting_requests(demo),
+            "checkpoint_folders": catalog.checkpoint_folders(),
+            "queue": [{"kind": j.kind, "label": j.label} for j in studio.board.waiting()],
+            "cache": {"checkpoints": studio.cache.entries(), "loads": studio.cache.loads, "hits": studio.cache.hits,
+                      "capacity": studio.cache.capacity},
             "training": {"state": snap.state, "message": snap.message, "step": snap.step, "total": snap.total,
                          "loss": snap.history[-1][1] if snap.history else None, "eta_seconds": snap.eta_seconds,
                          "validation": validation_rows(snap.validation), "file": snap.out_path,

@@ -18,8 +18,8 @@ from ..service.sampling import samplers, schedulers
 NONE = models.NONE
 MODES = MODE_NAMES
 
-__all__ = ["NONE", "MODES", "checkpoints", "aggregators", "samplers", "schedulers", "dataset_folders",
-           "check_checkpoints", "check_aggregator"]
+__all__ = ["NONE", "MODES", "checkpoints", "aggregators", "loras", "controlnets", "samplers", "schedulers",
+           "dataset_folders", "checkpoint_folders", "check_checkpoints", "check_aggregator"]
 
 
 def checkpoints() -> list[str]:
@@ -29,6 +29,19 @@ def checkpoints() -> list[str]:
 def aggregators() -> list[str]:
     """`none` followed by the aggregators in every "afa" model folder."""
     return [NONE] + models.aggregator_names()
+
+
+def loras() -> list[str]:
+    return models.lora_names()
+
+
+def controlnets() -> list[str]:
+    """`none` followed by ComfyUI's ControlNet models."""
+    return [NONE] + folder_paths.get_filename_list("controlnet")
+
+
+def checkpoint_folders() -> list[str]:
+    return models.checkpoint_folders()
 
 
 def dataset_folders() -> list[str]:

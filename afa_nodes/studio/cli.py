@@ -1,10 +1,11 @@
 """`python -m afa_nodes studio`: boot ComfyUI as a library and serve AFA Studio on 127.0.0.1.
 
-    python -m afa_nodes studio [--port 7860] [--share] [--comfyui PATH]
+    python -m afa_nodes studio [--port 7860] [--share] [--comfyui PATH] [--demo [FOLDER]]
 
 Models come from ComfyUI's folders: models/checkpoints, models/afa and the entries of
 <ComfyUI>/extra_model_paths.yaml (plus --extra-model-paths-config files), as ComfyUI's
-main.py reads them. No public link unless --share is given. Ctrl-C (or SIGTERM) stops the
+main.py reads them. `--demo` adds three small synthetic checkpoints (built once, random
+weights) so a first run can press Generate at once. No public link unless --share is given. Ctrl-C (or SIGTERM) stops the
 server; a running training is stopped first, which leaves a resumable file.
 """
 import argparse
@@ -32,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="ComfyUI's input directory (training datasets are its subfolders)")
     parser.add_argument("--output-directory", default=None, metavar="DIR",
                         help="ComfyUI's output directory (images go to its afa_studio/ subfolder)")
+    parser.add_argument("--demo", nargs="?", const="", default=None, metavar="FOLDER",
+                        help="also list three synthetic demo checkpoints (random weights, ~290 MB each, built "
+                             "once into FOLDER, default ~/.cache/comfyui-afa/demo-checkpoints)")
+    parser.add_argument("--cache-checkpoints", type=int, default=None, metavar="N",
+                        help="loaded checkpoints kept in memory across requests (default 6: one full ensemble)")
 
 
 def run(args) -> int:
@@ -60,8 +66,14 @@ def _serve(args) -> int:
     from .app import build_app, launch
     from .state import Studio
 
+    from ..service.models import add_demo_checkpoints
+    from .cache import DEFAULT_CAPACITY
+
     register_afa_folder()  # models/afa, as loading the pack in ComfyUI does
-    studio = Studio()
+    studio = Studio(args.cache_checkpoints or DEFAULT_CAPACITY, demo_folder=args.demo or None)
+    if args.demo is not None:
+        names = add_demo_checkpoints(studio.demo_folder)
+        logger.info("Demo checkpoints (synthetic, random weights): %s", ", ".join(names))
     demo = build_app(studio)
     outputs = os.path.join(folder_paths.get_output_directory(), "afa_studio")
     os.makedirs(outputs, exist_ok=True)

@@ -109,7 +109,7 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ control
     def start(self, on_start=None) -> "TrainingRun":
-        self.job = self.board.begin(TRAINING, self.label())
+        self.job = self.board.wait_turn(TRAINING, self.label())  # after a generation that runs
         if on_start is not None:
             on_start()
         threading.Thread(target=self._run, name="afa-studio-training", daemon=True).start()

@@ -1,0 +1,89 @@
+"""The studio's checkpoint cache: loaded checkpoints kept across requests and across modes.
+
+Every generation (the ensemble in any mode, each expert alone, the block-wise average of
+compare mode) takes its checkpoints from here, so a checkpoint is loaded once while it stays
+cached. The cache holds at most `capacity` checkpoints (least recently used go first; the
+ones the current request needs always stay), a file changed on disk (size or mtime) is
+loaded again, and `entries()` / `clear()` back the UI's cache panel. LoRAs are applied per
+request on clones (service.models.with_loras): the cached checkpoints stay as loaded.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .. import logger
+from ..core.errors import AFAError
+from ..core.spec import MAX_MODELS
+from ..service import models
+
+DEFAULT_CAPACITY = MAX_MODELS  # one full ensemble
+
+
+@dataclass
+class CacheEntry:
+    name: str
+    fingerprint: str
+    checkpoint: models.Checkpoint
+    bytes: int
+
+
+class CheckpointCache:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+        if int(capacity) < 1:
+            raise AFAError(f"the checkpoint cache must hold at least 1 checkpoint, got {capacity}.")
+        self.capacity = int(capacity)
+        self.loads = 0     # checkpoint files read since the studio started
+        self.hits = 0      # checkpoints served from memory
+        self._entries: OrderedDict = OrderedDict()   # name -> CacheEntry, least recently used first
+        self._lock = threading.Lock()
+
+    def checkpoints(self, names: list) -> list:
+        """The loaded checkpoints for `names` (in order, repeats allowed), loading the missing ones."""
+        with self._lock:
+            out = {}
+            for name in dict.fromkeys(names):
+                fingerprint = models.files_fingerprint("checkpoints", [name])
+                entry = self._entries.get(name)
+                if entry is not None and entry.fingerprint == fingerprint:
+                    self.hits += 1
+                    self._entries.move_to_end(name)
+                else:
+                    self._entries.pop(name, None)  # changed on disk: drop the old copy before loading
+                    checkpoint = models.load_checkpoint(name)
+                    self.loads += 1
+                    entry = CacheEntry(name, fingerprint, checkpoint, models.checkpoint_bytes(checkpoint))
+                    self._entries[name] = entry
+                    logger.info("AFA Studio: loaded %s (%.0f MB) into the checkpoint cache", name, entry.bytes / 2**20)
+                out[name] = entry.checkpoint
+            self._evict(keep=set(out))
+            return [out[name] for name in names]
+
+    def _evict(self, keep: set):
+        for name in [n for n in self._entries if n not in keep]:
+            if len(self._entries) <= self.capacity:
+                break
+            del self._entries[name]
+            logger.info("AFA Studio: %s left the checkpoint cache (capacity %d)", name, self.capacity)
+
+    def entries(self) -> list:
+        """[(name, MB)] most recently used first."""
+        with self._lock:
+            return [(e.name, round(e.bytes / 2**20, 1)) for e in reversed(self._entries.values())]
+
+    def clear(self) -> int:
+        """Forget every cached checkpoint (ComfyUI frees them once no model uses them); returns how many."""
+        with self._lock:
+            count = len(self._entries)
+            self._entries.clear()
+        if count:
+            models.free_memory()
+        return count
+
+    def summary(self) -> str:
+        entries = self.entries()
+        total = sum(mb for _, mb in entries)
+        listed = ", ".join(f"{name} ({mb:.0f} MB)" for name, mb in entries) or "nothing loaded"
+        return (f"Checkpoint cache: {len(entries)}/{self.capacity} checkpoints, {total:.0f} MB: {listed}. "
+                f"{self.loads} loaded from disk, {self.hits} served from memory.")
