@@ -18,11 +18,12 @@ def run(*args):
 
 
 def test_inference_cost_quick(comfyui_path):
-    out = run("inference_cost.py", "--quick", "--comfyui", str(comfyui_path))
+    out = run("inference_cost.py", "--quick", "--full-res", "--comfyui", str(comfyui_path))
     rows = re.findall(r"^\| (\d) \| 64 \| ([^|]+?) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
     variants = {(n, v) for n, v, _, _ in rows}
     for n in "23":
-        assert {(n, "N single steps"), (n, "SABW"), (n, "block-wise average"), (n, "SABW map_refresh 2")} <= variants
+        assert {(n, "N single steps"), (n, "SABW"), (n, "block-wise average"), (n, "SABW map_refresh 2"),
+                (n, "SABW pooled attention"), (n, "SABW half resolution")} <= variants
     assert all(float(s) > 0 and float(r) > 0 for _, _, s, r in rows)
     assert re.search(r"SABW \| [\d.]+ \| [\d.]+ \| \d+\.\d% \(8x8", out)
 
