@@ -13,8 +13,6 @@ from . import logger
 from .core.image_file import save_png
 from .core.spec import FULL_RES_HELP, FULL_RES_NAMES, MODE_NAMES, FullRes, Mode
 
-DEMO_DIR = Path.home() / ".cache" / "comfyui-afa" / "demo-checkpoints"
-
 
 def add_arguments(p):
     p.add_argument("--checkpoint", action="append", default=[],
@@ -51,10 +49,10 @@ def run(args) -> int:
     synthetic = not args.checkpoint
     if synthetic:
         from .demo_checkpoints import ensure_demo_checkpoints
-        paths = ensure_demo_checkpoints(DEMO_DIR, "sd15", 3)
+        paths = ensure_demo_checkpoints(models.DEMO_DIR, "sd15", models.DEMO_COUNT)
         logger.warning("No --checkpoint given: using SYNTHETIC demo checkpoints with random weights in %s. "
                        "The images show the pipeline works, not a picture. Pass --checkpoint A "
-                       "--checkpoint B to ensemble your own models.", DEMO_DIR)
+                       "--checkpoint B to ensemble your own models.", models.DEMO_DIR)
     else:
         paths = [Path(p).expanduser().resolve() for p in args.checkpoint]
     try:

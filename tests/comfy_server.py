@@ -258,6 +258,18 @@ class ComfyServer:
         path = "/object_info" if node is None else "/object_info/" + urllib.parse.quote(node)
         return self.get_json(path, timeout=120)
 
+    def widget_defaults(self, node: str) -> dict:
+        """The node's required widgets at their defaults (a combo: its first choice), for prompts that
+        set only what they test."""
+        out = {}
+        for name, spec in self.object_info(node)[node]["input"]["required"].items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in options:
+                out[name] = options["default"]
+            elif isinstance(spec[0], list) and spec[0]:
+                out[name] = spec[0][0]
+        return out
+
     def missing_nodes(self, names: Iterable[str]) -> list[str]:
         info = self.object_info()
         return [n for n in names if n not in info]

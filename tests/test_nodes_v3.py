@@ -21,7 +21,9 @@ V1 = json.loads((TESTS / "fixtures" / "object_info_v1.json").read_text(encoding=
 ALL_IDS = {"AFAEnsembleLoader": "AFA Ensemble Loader", "AFAEnsemble": "AFA Ensemble",
            "AFACLIPMerge": "AFA CLIP Merge (per-model text)", "AFALoadAggregator": "AFA Load Aggregator",
            "AFATrainAggregator": "AFA Train Aggregator", "AFARecordAttention": "AFA Record Attention",
-           "AFAAttentionPreview": "AFA Attention Preview"}
+           "AFAAttentionPreview": "AFA Attention Preview",
+           # added after the V1 nodes (no V1 contract): win maps and held-out evaluation
+           "AFAWinMap": "AFA Win Map", "AFAEvaluate": "AFA Evaluate"}
 GROWING = {"AFAEnsemble": ("models", "model_", "MODEL"), "AFACLIPMerge": ("clips", "clip_", "CLIP")}
 # Inputs added after the V1 contract was recorded: optional, at the end, and their default keeps
 # the old behaviour, so saved workflows (positional widgets_values) load unchanged.

@@ -235,18 +235,6 @@ def test_train_cli_sigkill_then_resume_matches_an_uninterrupted_run(comfyui_path
 
 
 # ---------------------------------------------------------------- Cancel from ComfyUI's interface
-def _defaults(srv, node) -> dict:
-    """The node's required widget defaults (first choice of a combo)."""
-    out = {}
-    for name, spec in srv.object_info(node)[node]["input"]["required"].items():
-        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        if "default" in options:
-            out[name] = options["default"]
-        elif isinstance(spec[0], list) and spec[0]:
-            out[name] = spec[0][0]
-    return out
-
-
 def _wait_interrupted(srv, prompt_id, timeout=120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -271,10 +259,10 @@ def test_cancel_training_from_the_interface_stops_within_one_step_and_leaves_a_w
     target = afa_dir / "afa_rel_cancel.safetensors"
     prompt = {
         "1": {"class_type": "AFAEnsembleLoader", "inputs": dict(
-            _defaults(srv, "AFAEnsembleLoader"), ckpt_1=sd15_checkpoints[0].name, ckpt_2=sd15_checkpoints[1].name,
+            srv.widget_defaults("AFAEnsembleLoader"), ckpt_1=sd15_checkpoints[0].name, ckpt_2=sd15_checkpoints[1].name,
             aggregator="none", mode=BLOCK_AVERAGE)},
         "2": {"class_type": "AFATrainAggregator", "inputs": dict(
-            _defaults(srv, "AFATrainAggregator"), model=["1", 0], clip=["1", 1], vae=["1", 2],
+            srv.widget_defaults("AFATrainAggregator"), model=["1", 0], clip=["1", 1], vae=["1", 2],
             dataset_folder="afa_rel_cancel_ds", save_name=target.stem, steps=100_000, save_every=1, batch_size=2,
             resolution=64, resume=False, gradient_checkpointing=False, validation_fraction=0.34)},
     }

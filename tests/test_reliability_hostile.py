@@ -122,17 +122,6 @@ def env(comfy, comfy_server, sd15_checkpoints, sdxl_checkpoints, models_dir, tmp
         p.unlink()
 
 
-def defaults(srv, node) -> dict:
-    out = {}
-    for name, spec in srv.object_info(node)[node]["input"]["required"].items():
-        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        if "default" in options:
-            out[name] = options["default"]
-        elif isinstance(spec[0], list) and spec[0]:
-            out[name] = spec[0][0]
-    return out
-
-
 def loader(env, ckpt_2=None, **kw):
     inputs = dict(ckpt_1=env.a, ckpt_2=ckpt_2 or env.b, aggregator="none", mode="block-wise average", weights="",
                   model_index=1)
@@ -159,7 +148,7 @@ def ensemble_prompt(env, **kw):
 
 def train_prompt(env, dataset):
     return {"1": loader(env), "7": {"class_type": "AFATrainAggregator", "inputs": dict(
-        defaults(env.srv, "AFATrainAggregator"), **TRAIN, model=["1", 0], clip=["1", 1], vae=["1", 2],
+        env.srv.widget_defaults("AFATrainAggregator"), **TRAIN, model=["1", 0], clip=["1", 1], vae=["1", 2],
         dataset_folder=dataset, save_name="hostile_trained")}}
 
 

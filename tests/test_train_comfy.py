@@ -291,20 +291,10 @@ def test_server_prompt_trains_and_cancel_leaves_a_resumable_file(server, sd15_ch
     make_dataset(srv.input_dir / "afa_srv_ds")
     afa_dir = Path(srv.models_dir) / "afa"
 
-    def defaults(node):  # required widgets we do not set keep their defaults
-        out = {}
-        for name, spec in srv.object_info(node)[node]["input"]["required"].items():
-            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            if "default" in options:
-                out[name] = options["default"]
-            elif isinstance(spec[0], list) and spec[0]:
-                out[name] = spec[0][0]
-        return out
-
     def prompt(save_name, steps, save_every):
         return {
             "1": {"class_type": "AFAEnsembleLoader", "inputs": dict(
-                defaults("AFAEnsembleLoader"), ckpt_1=sd15_checkpoints[0].name, ckpt_2=sd15_checkpoints[1].name,
+                srv.widget_defaults("AFAEnsembleLoader"), ckpt_1=sd15_checkpoints[0].name, ckpt_2=sd15_checkpoints[1].name,
                 aggregator="none", mode="block-wise average", weights="", model_index=1)},
             "2": {"class_type": "AFATrainAggregator", "inputs": dict(
                 TRAIN_ARGS, model=["1", 0], clip=["1", 1], vae=["1", 2], dataset_folder="afa_srv_ds",
