@@ -9,7 +9,8 @@ one process, repeated, and their medians are compared with N single-model steps:
     SABW map_refresh k   the aggregator runs on one step in k (maps re-used in between);
                          timed over k consecutive steps of one run, divided by k
     SABW <full_res>      the aggregator with a cheaper option at the full-resolution points
-                         (pooled attention, half resolution: EnsembleSpec.full_res)
+                         (pooled attention, half resolution: EnsembleSpec.full_res);
+                         with --refresh also each option + map_refresh k
 The aggregator's own time is measured inside the run, per latent resolution.
 `--clock cpu` times process CPU seconds instead of wall seconds: on a shared machine it
 is far less disturbed by other jobs (use with --threads 1); `--clock thread` the calling
@@ -206,6 +207,9 @@ def time_steps(args, unets, agg_config, inputs):
             variants[f"SABW map_refresh {k}"] = (afa_step(unets[:n], SABWMixer(agg, refresh_every=k), k), k)
         for option in args.full_res:
             variants[f"SABW {option}"] = (afa_step(unets[:n], SABWMixer(agg, full_res=option)), 1)
+            for k in args.refresh:  # the two savings together
+                variants[f"SABW {option} + map_refresh {k}"] = (
+                    afa_step(unets[:n], SABWMixer(agg, refresh_every=k, full_res=option), k), k)
         shared = {name for name, (_, k) in variants.items() if name.startswith("SABW") and k == 1}
 
         def singles(models=unets[:n]):

@@ -164,12 +164,15 @@ def test_mixer_applies_the_option_only_at_the_full_resolution_points(option):
     temb, context = torch.randn(2, 16), torch.randn(2, 7, 12)
     feats = {side: [torch.randn(2, 8, side, side)] * 2 for side in (8, 4)}
     with torch.no_grad():
-        for side_by_point in ([8, 4, 8], [4, 4]):   # a call at 8x8, then one at 4x4 (its full resolution)
-            mixer.begin(None)
+        # a call at 8x8, then one at 4x4 (its full resolution); then the same without begin(), as
+        # training calls it with batches of two bucket sizes
+        for call, side_by_point in enumerate(([8, 4, 8], [4, 4], [8, 4, 8], [4, 4])):
+            if call < 2:
+                mixer.begin(None)
             for point, side in enumerate(side_by_point):
                 mixer.weights(point, feats[side], temb, context)
-    assert [(tuple(s), o) for s, o in seen] == [((8, 8), option), ((4, 4), FullRes.EXACT), ((8, 8), option),
-                                                ((4, 4), option), ((4, 4), option)]
+    expected = [((8, 8), option), ((4, 4), FullRes.EXACT), ((8, 8), option), ((4, 4), option), ((4, 4), option)]
+    assert [(tuple(s), o) for s, o in seen] == expected * 2
 
 
 @pytest.mark.parametrize("option", list(FullRes))

@@ -47,7 +47,6 @@ class SABWMixer(Mixer):
         self._full_area = None
 
     def begin(self, step):
-        self._full_area = None
         if self.refresh_every <= 1 or step is None:
             self._batch = None
             return
@@ -65,7 +64,8 @@ class SABWMixer(Mixer):
 
     def weights(self, point, features, temb, context):
         area = features[0].shape[-2] * features[0].shape[-1]
-        self._full_area = self._full_area or area
+        if point == 0 or self._full_area is None:  # each call starts at point 0 (training calls no begin)
+            self._full_area = area
         key = None
         if self._batch is not None:
             key = (self._batch, point, tuple(features[0].shape))
