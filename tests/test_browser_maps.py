@@ -9,9 +9,9 @@ Skipped when chromium is not installed (apt-get install chromium).
 import json
 
 import pytest
-import torch
-from browser import ARTIFACTS
+from browser import ARTIFACTS, open_page
 from test_maps_comfy import maps_api_prompt
+from tiny_models import build_aggregator
 
 pytestmark = pytest.mark.comfyui
 VIEWER = ".afa-maps-viewer"
@@ -20,20 +20,7 @@ VIEWER = ".afa-maps-viewer"
 @pytest.fixture(scope="module")
 def aggregator_name(comfy, sd15_checkpoints, models_dir):
     """A random (non-uniform) aggregator for the two checkpoints, in the server's models/afa."""
-    import comfy.sd
-
-    from afa_nodes.core.aggregator_file import save_aggregator
-    from afa_nodes.core.layout import derive_layout
-    from afa_nodes.core.sabw import Aggregator, SABWConfig
-    unet = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoints[0]), output_vae=False,
-                                                 output_clip=False)[0].model.diffusion_model
-    layout = derive_layout(unet)
-    torch.manual_seed(0)
-    agg = Aggregator(layout.point_channels, SABWConfig(2, hidden=32, heads=4, depth=1, context_dim=768,
-                                                       time_embed_dim=layout.time_embed_dim))
-    for block in agg.blocks:
-        torch.nn.init.normal_(block.conv_out.weight, std=2.0)
-    save_aggregator(models_dir / "afa" / "browser_maps.safetensors", agg, layout, [])
+    build_aggregator(models_dir / "afa" / "browser_maps.safetensors", sd15_checkpoints[0])
     return "browser_maps.safetensors"
 
 
@@ -57,11 +44,10 @@ def test_viewer_shows_maps_sliders_hover_and_survives_reload(comfy_server, sd15_
     srv.post_json("/settings/Comfy.TutorialCompleted", True)  # no first-run templates dialog
     prompt = maps_api_prompt(sd15_checkpoints[0].name, sd15_checkpoints[1].name, steps=3)
     prompt["1"]["inputs"].update(mode="aggregator", aggregator=aggregator_name)
-    b.send("Page.enable")
-    b.send("Page.navigate", {"url": srv.base_url + "/"})
-    b.wait_for("!!(window.comfyAPI?.app?.app?.graph && window.LiteGraph?.registered_node_types?.AFAAttentionPreview"
-               " && window.comfyAPI.app.app.extensions.some(e => e.name === 'ComfyUI-AFA.maps'))",
-               what="the frontend with the AFA nodes and extension")
+    open_page(b, srv.base_url + "/", "!!(window.comfyAPI?.app?.app?.graph && "
+              "window.LiteGraph?.registered_node_types?.AFAAttentionPreview && "
+              "window.comfyAPI.app.app.extensions.some(e => e.name === 'ComfyUI-AFA.maps'))",
+              timeout=120, what="the frontend with the AFA nodes and extension")
     # the frontend restores its last (or default) workflow asynchronously at start-up: load ours
     # until it stays, then queue it from the page
     b.wait_for(f"(async () => {{ const app = window.comfyAPI.app.app;"

@@ -7,7 +7,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from browser import ARTIFACTS
+from browser import STUDIO_READY, choose, open_page, open_tab, pick, set_number, set_text, shot, toast
 from test_studio import DATASET, serve_studio
 from toy_dataset import make_dataset
 
@@ -19,60 +19,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread"),
 def page(comfy, sd15_checkpoints, browser):
     make_dataset(comfy.input_dir / DATASET)
     with serve_studio(comfy) as app:
-        b = browser
-        b.send("Page.enable")
-        b.send("Page.navigate", {"url": app.url})
-        b.wait_for("!!document.querySelector('#afa-generate') && "
-                   "document.querySelector('#afa-status')?.innerText.startsWith('Idle')", timeout=90,
-                   what="the studio page and its first status poll")
-        yield SimpleNamespace(b=b, app=app, names=[p.name for p in sd15_checkpoints[:2]])
-
-
-def open_tab(b, name):
-    b.eval(f"[...document.querySelectorAll('[role=tab]')].find(t => t.textContent.trim() === {json.dumps(name)})"
-           ".click()")
-    b.wait_for(f"[...document.querySelectorAll('[role=tab]')].find(t => t.textContent.trim() === "
-               f"{json.dumps(name)})?.getAttribute('aria-selected') === 'true'", timeout=10, what=f"tab {name}")
-
-
-def pick(b, elem_id, value):
-    """Type a value into a gradio dropdown and press Enter (multiselect: adds it)."""
-    b.eval(f"(() => {{ const i = document.querySelector('#{elem_id} input'); i.focus(); i.select(); }})()")
-    b.send("Input.insertText", {"text": value})  # replaces a single-select dropdown's value
-    for kind in ("keyDown", "keyUp"):
-        b.send("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13})
-    b.eval(f"document.querySelector('#{elem_id} input').blur()")
-
-
-def choose(b, elem_id, names):
-    """Make a multiselect dropdown hold exactly `names` (they are added when missing)."""
-    tokens = f"[...document.querySelectorAll('#{elem_id} .token')].map(t => t.innerText.trim())"
-    for name in names:
-        if name not in b.eval(tokens):
-            pick(b, elem_id, name)
-    assert b.eval(tokens) == list(names)
-
-
-def set_number(b, elem_id, value):
-    b.eval(f"(() => {{ const i = document.querySelector('#{elem_id} input[type=number]'); i.value = '{value}';"
-           " i.dispatchEvent(new Event('input', {bubbles: true})); i.dispatchEvent(new Event('change', "
-           "{bubbles: true})); i.blur(); })()")
-
-
-def toast(b, contains, timeout=30):
-    """Wait for a toast holding `contains`; return its text and close every toast."""
-    text = b.wait_for(f"[...document.querySelectorAll('.toast-body')].map(t => t.innerText)"
-                      f".find(t => t.includes({json.dumps(contains)})) ?? null", timeout=timeout,
-                      what=f"a message containing {contains!r}")
-    b.eval("document.querySelectorAll('.toast-close').forEach(c => c.click())")
-    b.wait_for("document.querySelectorAll('.toast-body').length === 0", timeout=15, what="the toasts to close")
-    return text
-
-
-def shot(b, tmp_path, name):
-    for folder in (tmp_path, ARTIFACTS):
-        b.screenshot(folder / name)
-    assert (tmp_path / name).stat().st_size > 10_000  # a rendered page, not a blank one
+        open_page(browser, app.url, STUDIO_READY, what="the studio page and its first status poll")
+        yield SimpleNamespace(b=browser, app=app, names=[p.name for p in sd15_checkpoints[:2]])
 
 
 def test_bad_input_shows_a_message_and_the_app_keeps_serving(page):
@@ -97,9 +45,7 @@ def test_training_from_the_page_shows_the_curve_and_the_validation_table(page, t
     open_tab(b, "Train")
     choose(b, "afa-train-checkpoints", page.names)
     pick(b, "afa-train-dataset-folder", DATASET)
-    save_name = "document.querySelector('#afa-train-save-name textarea, #afa-train-save-name input')"
-    b.eval(f"(() => {{ const t = {save_name}; t.value = 'browser_agg';"
-           " t.dispatchEvent(new Event('input', {bubbles: true})); t.blur(); })()")
+    set_text(b, "afa-train-save-name", "browser_agg")
     for elem_id, value in (("steps", 2), ("batch-size", 2), ("resolution", 64), ("save-every", 1),
                            ("learning-rate", 0.001)):
         set_number(b, f"afa-train-{elem_id}", value)
