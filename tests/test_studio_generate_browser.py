@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("one_thread"),
 
 
 @pytest.fixture(scope="module")
-def page(comfy, sd15_checkpoints, browser, tmp_path_factory):
+def page(comfy, comfy_nodes, sd15_checkpoints, browser, tmp_path_factory):
+    # comfy_nodes: the pack's nodes registered, so ComfyUI can validate the saved workflows
     with studio_page(comfy, sd15_checkpoints, browser, tmp_path_factory.mktemp("studio_generate")) as p:
         b = p.b
         open_tab(b, "Generate")
@@ -34,6 +35,18 @@ def ensemble(page):
     assert run_generation(page.b, 1)[0].startswith("AFA ensemble")
     path = gallery_files(page.b)[0]
     return pixels(path), json.loads(Image.open(path).text["afa"])
+
+
+def saved_workflow(page) -> list:
+    """The ComfyUI graph embedded in the shown image's PNG, checked by ComfyUI's own prompt
+    validation (node types, inputs, links, files); -> its nodes' class types."""
+    import asyncio
+
+    import execution
+    graph = json.loads(Image.open(gallery_files(page.b)[0]).text["prompt"])
+    valid, error, _, node_errors = asyncio.run(execution.validate_prompt("afa-studio-test", graph, None))
+    assert valid, (error, node_errors)
+    return sorted(n["class_type"] for n in graph.values())
 
 
 def clear_image(b, elem_id):
@@ -77,6 +90,9 @@ def test_a_lora_typed_on_the_page_changes_one_model_or_the_ensemble(page):
     everyone, settings = ensemble(page)
     assert settings["loras"] == [[[LORA, 1.0]], [[LORA, 1.0]]]
     assert mse(everyone, plain) > 1e-3 and mse(everyone, model2) > 1e-3
+    nodes = saved_workflow(page)                             # the saved workflow has the LoRAs too
+    assert nodes.count("LoraLoader") == 2 and nodes.count("CheckpointLoaderSimple") == 2
+    assert "AFAEnsemble" in nodes and "AFACLIPMerge" in nodes
     set_text(b, "afa-gen-loras", "3: missing.safetensors")
     b.eval("document.querySelector('#afa-generate').click()")
     assert "model 3 is not in the ensemble" in toast(b, "LoRA line 1")
@@ -92,6 +108,8 @@ def test_a_controlnet_chosen_with_a_control_image_guides_the_ensemble(page, imag
     set_number(b, "afa-gen-control-strength", 1)
     guided, settings = ensemble(page)
     assert settings["controlnet"] == {"name": CONTROLNET, "strength": 1.0} and mse(guided, plain) > 1e-3
+    nodes = saved_workflow(page)
+    assert {"ControlNetLoader", "ControlNetApplyAdvanced", "LoadImage", "AFAEnsembleLoader"} <= set(nodes)
     set_number(b, "afa-gen-control-strength", 0)             # strength 0: as none, pixel for pixel
     zero, settings = ensemble(page)
     assert settings["controlnet"]["strength"] == 0.0 and np.array_equal(zero, plain)
@@ -115,6 +133,7 @@ def test_img2img_keeps_the_init_image_by_denoise_and_inpainting_repaints_only_th
         set_number(b, "afa-gen-denoise", denoise)
         kept[denoise], settings = ensemble(page)
         assert settings["img2img"] and settings["denoise"] == denoise and not settings["inpaint"]
+    assert {"LoadImage", "ImageScale", "VAEEncode"} <= set(saved_workflow(page))
     init, through_vae = pixels(images / "init.png"), kept[0.0]
     assert mse(kept[0.3], through_vae) < mse(kept[0.5], through_vae) < 0.8 * mse(txt2img, through_vae)
     assert mse(kept[0.5], init) < mse(txt2img, init) and mse(kept[0.5], txt2img) > 1e-3
@@ -122,7 +141,7 @@ def test_img2img_keeps_the_init_image_by_denoise_and_inpainting_repaints_only_th
     set_number(b, "afa-gen-denoise", 1.0)
     upload(b, "afa-gen-mask", images / "mask.png")           # right half white: repaint it
     inpainted, settings = ensemble(page)
-    assert settings["inpaint"]
+    assert settings["inpaint"] and {"LoadImageMask", "VAEEncodeForInpaint"} <= set(saved_workflow(page))
     keep, repaint = np.s_[:, :28], np.s_[:, 36:]             # 4 px either side of the edge: grow_mask, VAE
     assert mse(inpainted[keep], through_vae[keep]) < 0.25 * mse(inpainted[repaint], through_vae[repaint])
     assert mse(inpainted[keep], init[keep]) < mse(txt2img[keep], init[keep])
@@ -132,4 +151,4 @@ def test_img2img_keeps_the_init_image_by_denoise_and_inpainting_repaints_only_th
     toast(b, "inpainting needs an init image")
     clear_image(b, "afa-gen-mask")
     again, settings = ensemble(page)
-    assert not settings["img2img"] and np.array_equal(again, txt2img)
+    assert not settings["img2img"] and np.array_equal(again, txt2img) and "EmptyLatentImage" in saved_workflow(page)

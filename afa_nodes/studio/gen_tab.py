@@ -105,7 +105,8 @@ def generate_tab() -> dict:
             with gr.Row():
                 c["compare"] = gr.Checkbox(True, label=f"compare: also the {Mode.BLOCK_AVERAGE} and each model alone "
                                                        "(same seed, same loaded checkpoints)", elem_id="afa-gen-compare")
-                c["record_maps"] = gr.Checkbox(True, label="record attention maps (Maps tab)", elem_id="afa-gen-record-maps")
+                c["record_maps"] = gr.Checkbox(True, label="record attention maps (Maps tab)",
+                                               elem_id="afa-gen-record-maps")
         with gr.Column(scale=3):
             c["run"] = gr.Button("Generate", variant="primary", elem_id="afa-generate")
             c["gallery"] = gr.Gallery(label=f"ensemble | {Mode.BLOCK_AVERAGE} | each model (same seed)", columns=3,

@@ -7,10 +7,12 @@ Encode (for Inpainting), KSampler, VAE Decode, under torch.inference_mode() as C
 executor does), records the attention maps with `service.maps`, and saves every
 image as PNG into ComfyUI's output folder (`afa_studio/`) with two text chunks: "afa"
 (the settings, the same JSON as `python -m afa_nodes generate`) and "prompt" (the
-equivalent ComfyUI API graph, so dropping the file on ComfyUI loads the workflow).
+equivalent ComfyUI API graph, its LoRAs, ControlNet and init image / mask included, so dropping
+the file on ComfyUI loads the workflow).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from .maps_view import MapsView
 from .request import GenerateRequest
 
 OUTPUT_PREFIX = "afa_studio/afa"
+INPUT_SUBFOLDER = "afa_studio"   # uploaded images the saved workflows load
 
 Progress = Callable[[float, str], None]   # (fraction 0..1, text)
 
@@ -145,7 +148,7 @@ def generate(req: GenerateRequest, cache: CheckpointCache, progress: Optional[Pr
             sampling.require_text_encoder(base.clip, [key[0]])
             images = sampling.sample(base.model, base.clip, base.vae, req, inputs)[1]
             save(images, f"base{i + 1}", f"base: {key[0]}", f"base model {i + 1}: {key[0]}" + _loras_note(key[1]),
-                 comfy_prompt(req, base=key[0]))
+                 comfy_prompt(req, base=key[0], base_loras=key[1]))
     result.seconds = time.monotonic() - started
     logger.info("AFA Studio: generated %d image(s) in %.1f s into %s", len(result.pictures), result.seconds, out_dir)
     return result
@@ -184,25 +187,92 @@ def _output_prefix(req: GenerateRequest):
     return Path(folder), f"{filename}_{counter:05}"
 
 
-def comfy_prompt(req: GenerateRequest, base: Optional[str] = None) -> dict:
-    """The ComfyUI API graph that makes the same image (the ensemble's, or one base model's)."""
-    if base is None:
-        loader = {"class_type": "AFAEnsembleLoader",
-                  "inputs": {**{f"ckpt_{i + 1}": n for i, n in enumerate(req.checkpoints)},
-                             "aggregator": req.aggregator, "mode": req.mode, "weights": req.weights,
-                             "model_index": req.model_index, "map_refresh": req.map_refresh}}
+def comfy_prompt(req: GenerateRequest, base: Optional[str] = None, base_loras=()) -> dict:
+    """The ComfyUI API graph that makes the same image (the ensemble's, or one base model's with
+    `base_loras`): its LoRAs, ControlNet and init image / mask included. Uploaded images are copied
+    into ComfyUI's input folder (`afa_studio/`), where the graph's Load Image nodes find them."""
+    graph = {}
+
+    def add(class_type, **inputs) -> str:
+        key = str(len(graph) + 1)
+        graph[key] = {"class_type": class_type, "inputs": inputs}
+        return key
+    loras = req.lora_lists()
+    if base is None and not any(loras):
+        loader = add("AFAEnsembleLoader", **{f"ckpt_{i + 1}": n for i, n in enumerate(req.checkpoints)},
+                     aggregator=req.aggregator, **_ensemble_inputs(req))
+        model, clip, vae = [loader, 0], [loader, 1], [loader, 2]
+    else:  # each model: Load Checkpoint -> its Load LoRA chain; then AFA Ensemble + AFA CLIP Merge
+        chains = [_lora_chain(add, name, own) for name, own in
+                  ([(base, base_loras)] if base is not None else zip(req.checkpoints, loras))]
+        model, clip, vae = chains[0]
+        if base is None:
+            extra = {"aggregator": [add("AFALoadAggregator", aggregator=req.aggregator), 0]} \
+                if req.aggregator != catalog.NONE else {}
+            model = [add("AFAEnsemble", **{f"models.model_{i + 1}": c[0] for i, c in enumerate(chains)},
+                         **_ensemble_inputs(req), **extra), 0]
+            clip = [add("AFACLIPMerge", **{f"clips.clip_{i + 1}": c[1] for i, c in enumerate(chains)}), 0]
+    positive = [add("CLIPTextEncode", text=req.prompt, clip=clip), 0]
+    negative = [add("CLIPTextEncode", text=req.negative, clip=clip), 0]
+    if req.controlnet not in (None, "", catalog.NONE) and req.control_image:
+        control = add("ControlNetApplyAdvanced", positive=positive, negative=negative,
+                      control_net=[add("ControlNetLoader", control_net_name=req.controlnet), 0],
+                      image=_scaled(add, req, req.control_image), strength=req.control_strength,
+                      start_percent=0.0, end_percent=1.0, vae=vae)
+        positive, negative = [control, 0], [control, 1]
+    if not req.init_image:
+        latent = [add("EmptyLatentImage", width=req.width, height=req.height, batch_size=req.batch), 0]
     else:
-        loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": base}}
-    return {
-        "1": loader,
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": req.prompt, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": req.negative, "clip": ["1", 1]}},
-        "4": {"class_type": "EmptyLatentImage",
-              "inputs": {"width": req.width, "height": req.height, "batch_size": req.batch}},
-        "5": {"class_type": "KSampler",
-              "inputs": {"model": ["1", 0], "seed": req.seed, "steps": req.steps, "cfg": req.cfg,
-                         "sampler_name": req.sampler, "scheduler": req.scheduler, "positive": ["2", 0],
-                         "negative": ["3", 0], "latent_image": ["4", 0], "denoise": req.denoise}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": OUTPUT_PREFIX}},
-    }
+        pixels = _scaled(add, req, req.init_image)
+        if req.mask:
+            mask = [add("LoadImageMask", image=_input_copy(req.mask), channel=_mask_channel(req.mask)), 0]
+            latent = [add("VAEEncodeForInpaint", pixels=pixels, vae=vae, mask=mask, grow_mask_by=req.grow_mask), 0]
+        else:
+            latent = [add("VAEEncode", pixels=pixels, vae=vae), 0]
+        if req.batch > 1:
+            latent = [add("RepeatLatentBatch", samples=latent, amount=req.batch), 0]
+    samples = add("KSampler", model=model, seed=req.seed, steps=req.steps, cfg=req.cfg, sampler_name=req.sampler,
+                  scheduler=req.scheduler, positive=positive, negative=negative, latent_image=latent,
+                  denoise=req.denoise)
+    add("SaveImage", images=[add("VAEDecode", samples=[samples, 0], vae=vae), 0], filename_prefix=OUTPUT_PREFIX)
+    return graph
+
+
+def _ensemble_inputs(req: GenerateRequest) -> dict:
+    return {"mode": req.mode, "weights": req.weights, "model_index": req.model_index, "map_refresh": req.map_refresh}
+
+
+def _lora_chain(add, name: str, loras) -> tuple:
+    """Load Checkpoint -> Load LoRA per LoRA; -> (MODEL, CLIP, VAE) links."""
+    ckpt = add("CheckpointLoaderSimple", ckpt_name=name)
+    model, clip = [ckpt, 0], [ckpt, 1]
+    for lo in loras:
+        lora = add("LoraLoader", model=model, clip=clip, lora_name=lo.name, strength_model=lo.strength,
+                   strength_clip=lo.strength)
+        model, clip = [lora, 0], [lora, 1]
+    return model, clip, [ckpt, 2]
+
+
+def _scaled(add, req: GenerateRequest, path) -> list:
+    """Load Image -> Upscale Image to the run's size (as service.sampling does)."""
+    image = add("LoadImage", image=_input_copy(path))
+    return [add("ImageScale", image=[image, 0], upscale_method="bilinear", width=req.width, height=req.height,
+                crop="disabled"), 0]
+
+
+def _input_copy(path) -> str:
+    """An uploaded image copied (once, named by its content) into ComfyUI's input folder."""
+    data = Path(path).read_bytes()
+    name = f"{hashlib.sha256(data).hexdigest()[:16]}{Path(path).suffix or '.png'}"
+    target = Path(folder_paths.get_input_directory()) / INPUT_SUBFOLDER / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return f"{INPUT_SUBFOLDER}/{name}"
+
+
+def _mask_channel(path) -> str:
+    """Load Image (as Mask)'s channel for the mask as request.load_mask reads it."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return "alpha" if im.mode in ("RGBA", "LA") and im.getextrema()[-1][0] < 255 else "red"
