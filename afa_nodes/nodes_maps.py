@@ -13,7 +13,7 @@ import sys
 
 from comfy_api.v0_0_2 import io, ui
 
-from .core.errors import AFAError
+from .core.errors import check_result
 from .service import maps as service_maps
 from .service.maps import BRANCHES, POINTS_HELP, STEPS_HELP, maps_response
 
@@ -49,11 +49,7 @@ class AFARecordAttention(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, steps):
-        try:
-            service_maps.check_steps(steps)
-        except AFAError as e:
-            return str(e)
-        return True
+        return check_result(service_maps.check_steps, steps)
 
     @classmethod
     def execute(cls, model, enabled, points, steps, max_side, cap_mb) -> io.NodeOutput:

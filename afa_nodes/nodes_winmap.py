@@ -11,7 +11,7 @@ import comfy.utils
 from comfy_api.v0_0_2 import io, ui
 
 from . import logger
-from .core.errors import AFAError
+from .core.errors import check_result
 from .core.winmap import DOMINANT_SHARE, GRID, MAX_STEPS, MIN_GAIN
 from .service import models, training
 from .service import winmap as service_winmap
@@ -76,11 +76,7 @@ class _ImageFolderNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, dataset_folder):
-        try:
-            training.dataset_in_input_dir(dataset_folder)
-        except AFAError as e:
-            return str(e)
-        return True
+        return check_result(training.dataset_in_input_dir, dataset_folder)
 
     @classmethod
     def fingerprint_inputs(cls, dataset_folder, **kwargs):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +20,7 @@ import pytest
 import torch
 from comfy_server import ComfyServerError
 from PIL import Image
+from reliability import layout_of, make_image, png_header_bomb, save_agg
 from safetensors.torch import load_file, save_file
 from test_maps_comfy import maps_api_prompt
 from toy_dataset import make_dataset
@@ -34,37 +33,6 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "reliabi
 ROWS: list = []
 TRAIN = dict(steps=1, batch_size=2, learning_rate=1e-3, resolution=64, seed=0, save_every=0, resume=False,
              gradient_checkpointing=False, validation_fraction=0.0)
-
-
-# ---------------------------------------------------------------- files
-def png_header_bomb(path: Path, side: int = 100_000) -> Path:
-    """A PNG claiming side x side pixels (10 G) in a few hundred bytes: PIL refuses it at open."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    row = b"\x00" + b"\x00" * 16
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(row * 4)) + chunk(b"IEND", b""))
-    return path
-
-
-def save_agg(path: Path, layout, n=2, experts=(), nan=False) -> str:
-    from afa_nodes.core.aggregator_file import save_aggregator
-    from afa_nodes.core.sabw import Aggregator, SABWConfig
-    agg = Aggregator(layout.point_channels, SABWConfig(n, hidden=32, heads=4, depth=1, context_dim=layout.context_dim,
-                                                       time_embed_dim=layout.time_embed_dim))
-    if nan:
-        with torch.no_grad():
-            agg.blocks[0].conv_out.weight[0, 0, 0, 0] = float("nan")
-    save_aggregator(path, agg, layout, list(experts))
-    return path.name
-
-
-def layout_of(ckpt: Path):
-    import comfy.sd as comfy_sd
-
-    from afa_nodes.core.layout import derive_layout
-    model = comfy_sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_clip=False)[0]
-    return derive_layout(model.model.diffusion_model)
 
 
 @pytest.fixture(scope="module")
@@ -299,14 +267,6 @@ def test_training_datasets(env):
 
 
 # ---------------------------------------------------------------- in the library (dataset files)
-def make_image(folder: Path, name: str, image: Image.Image, caption="a picture") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    image.save(folder / name)
-    if caption is not None:
-        (folder / name).with_suffix(".txt").write_bytes(caption.encode() if isinstance(caption, str) else caption)
-    return folder / name
-
-
 def pixels(folder: Path, resolution=32):
     from afa_nodes.core.dataset import ImageDataset
     data = ImageDataset(folder, resolution=resolution)

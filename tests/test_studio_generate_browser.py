@@ -38,12 +38,16 @@ def ensemble(page):
 
 
 def saved_workflow(page) -> list:
-    """The ComfyUI graph embedded in the shown image's PNG, checked by ComfyUI's own prompt
-    validation (node types, inputs, links, files); -> its nodes' class types."""
+    """The ComfyUI graph embedded in the shown image's PNG, checked as ComfyUI's /prompt checks
+    it (the pack's on_prompt handler, then validate_prompt: node types, inputs, links, files);
+    -> its nodes' class types."""
     import asyncio
 
     import execution
+
+    from afa_nodes.nodes import accept_both_slot_names
     graph = json.loads(Image.open(gallery_files(page.b)[0]).text["prompt"])
+    accept_both_slot_names({"prompt": graph})   # v0.3.64 names the growing slots 'model_1', not 'models.model_1'
     valid, error, _, node_errors = asyncio.run(execution.validate_prompt("afa-studio-test", graph, None))
     assert valid, (error, node_errors)
     return sorted(n["class_type"] for n in graph.values())

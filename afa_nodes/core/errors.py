@@ -28,3 +28,13 @@ class TrainingError(AFAError):
 class FileWriteError(AFAError, OSError):
     """A file could not be written (a full disk, no permission); the previous file is intact.
     Also an OSError, as the failure it reports."""
+
+
+def check_result(check, *args):
+    """True when `check(*args)` passes, else its AFAError's message: the answer ComfyUI's
+    validate_inputs expects."""
+    try:
+        check(*args)
+    except AFAError as e:
+        return str(e)
+    return True
