@@ -12,8 +12,8 @@ the file on ComfyUI loads the workflow).
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,6 +27,7 @@ import folder_paths
 
 from .. import logger
 from ..core.errors import AFAError
+from ..core.files import atomic_write, file_sha256
 from ..core.image_file import save_png
 from ..core.spec import Mode
 from ..service import maps, models, sampling
@@ -262,12 +263,10 @@ def _scaled(add, req: GenerateRequest, path) -> list:
 
 def _input_copy(path) -> str:
     """An uploaded image copied (once, named by its content) into ComfyUI's input folder."""
-    data = Path(path).read_bytes()
-    name = f"{hashlib.sha256(data).hexdigest()[:16]}{Path(path).suffix or '.png'}"
+    name = f"{file_sha256(path)[:16]}{Path(path).suffix or '.png'}"
     target = Path(folder_paths.get_input_directory()) / INPUT_SUBFOLDER / name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
     return f"{INPUT_SUBFOLDER}/{name}"
 
 
