@@ -130,8 +130,8 @@ class AFATrainAggregator(io.ComfyNode):
             raise comfy.model_management.InterruptProcessingException()
         report = result.report
         comfy_progress.status(report.splitlines()[-1] if result.validation else f"done: step {result.step}")
-        curve = training.render_loss_curve(result.history, result.val_history,
-                                           f"{config.out.name}: {result.step} steps")
+        curve = training.render_loss_curve(result.history, result.val_history, f"{config.out.name}: {result.step} steps",
+                                           references=training.reference_losses(result.validation))
         shown = {**ui.PreviewImage(curve, cls=cls).as_dict(), **ui.PreviewText(report).as_dict()}
         return io.NodeOutput(models.load_aggregator_file(config.out), curve, report, ui=shown)
 

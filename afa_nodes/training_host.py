@@ -325,17 +325,22 @@ def encode_dataset(experts, clip, vae, config: TrainConfig, seed: Optional[int] 
     return data, meta
 
 
-def load_experts(experts, layout: Optional[Layout] = None) -> list:
-    """Load every expert fully on the compute device and make it usable by autograd."""
+def ready_for_training(experts) -> int:
+    """Load every expert fully on the compute device and make it usable by autograd (again after
+    a sample image was rendered between steps); returns how many tensors were replaced."""
     patchers, seen = [], set()
     for p in experts.patchers:
         if id(p.model) not in seen:  # load_models_gpu unloads other clones of one BaseModel
             seen.add(id(p.model))
             patchers.append(p)
     comfy.model_management.load_models_gpu(patchers, force_full_load=True)
-    out, replaced = [], 0
+    return sum(make_autograd_ready(base.diffusion_model) for base in experts.models)
+
+
+def load_experts(experts, layout: Optional[Layout] = None) -> list:
+    """`ready_for_training`, and the experts as core.train runs them."""
+    replaced, out = ready_for_training(experts), []
     for base in experts.models:
-        replaced += make_autograd_ready(base.diffusion_model)
         dtype = base.manual_cast_dtype or base.get_dtype()
         if layout is not None and layout.family != "unet":
             out.append(TrainingDiT(base.diffusion_model, layout.family, dtype, guidance_of(layout)))

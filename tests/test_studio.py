@@ -302,10 +302,18 @@ def test_train_tab_follows_the_node_inputs(comfy):
 
 
 def test_training_shows_live_progress_and_the_result_joins_the_aggregator_list(client, comfy, names):
-    started = client.predict(checkpoints=names, **TRAIN, save_name="studio_agg", api_name="/train_start")
+    """...and renders a sample image at every save, the image /generate makes with that file."""
+    sample = dict(sample_prompt=SMALL["prompt"], sample_steps=SMALL["steps"], sample_cfg=SMALL["cfg"], seed=SMALL["seed"])
+    started = client.predict(checkpoints=names, **{**TRAIN, "save_every": 1}, **sample, save_name="studio_agg",
+                             api_name="/train_start")
     assert started.startswith("Started: studio_agg.safetensors")
     final, _ = wait_for_training(client)
     assert final["state"] == "finished" and final["step"] == 2 and "step 2/2" in final["report"], final
+    folder = comfy.models_dir / "afa" / "studio_agg.samples"
+    assert final["samples"] == [[1, str(folder / "step_000001.png")], [2, str(folder / "step_000002.png")]]
+    samples = [np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for _, p in final["samples"]]
+    assert samples[0].shape == (64, 64, 3) and samples[0].std() > 1  # a picture, not a blank
+    assert json.loads(Image.open(folder / "step_000002.png").text["afa"])["sample"]["prompt"] == SMALL["prompt"]
     assert [r[0] for r in final["validation"]][:2] == ["AFA aggregator (trained)", "block-wise average (untrained)"]
     assert sorted(r[0] for r in final["validation"][2:]) == [f"single model: {n}" for n in names]
     assert sum(r[2] == "best" for r in final["validation"]) == 1
@@ -318,6 +326,8 @@ def test_training_shows_live_progress_and_the_result_joins_the_aggregator_list(c
                          compare=False, api_name="/generate")
     assert gallery(out[0])[0][1] == "AFA ensemble (aggregator studio_agg.safetensors)"
     assert out[2].startswith("point middle")
+    generated = np.asarray(Image.open(gallery(out[0])[0][0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(generated - samples[1]).max() <= 1  # the last sample is what the file generates
 
 
 def test_stop_twice_leaves_a_resumable_file_and_refuses_generation_meanwhile(client, comfy, names):

@@ -7,7 +7,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from browser import STUDIO_READY, choose, open_page, open_tab, pick, set_number, set_text, shot, toast
+from browser import (STUDIO_READY, choose, gallery_captions, open_accordion, open_page, open_tab, pick, set_number,
+                     set_text, shot, toast)
 from test_studio import DATASET, serve_studio
 from toy_dataset import make_dataset
 
@@ -40,15 +41,18 @@ def test_bad_input_shows_a_message_and_the_app_keeps_serving(page):
     assert b.eval("document.querySelector('#afa-status').innerText").startswith("Idle")
 
 
-def test_training_from_the_page_shows_the_curve_and_the_validation_table(page, tmp_path):
+def test_training_from_the_page_shows_the_curve_the_validation_table_and_the_samples(page, tmp_path):
     b = page.b
     open_tab(b, "Train")
     choose(b, "afa-train-checkpoints", page.names)
     pick(b, "afa-train-dataset-folder", DATASET)
     set_text(b, "afa-train-save-name", "browser_agg")
+    set_text(b, "afa-train-sample-prompt", "a red picture")
     for elem_id, value in (("steps", 2), ("batch-size", 2), ("resolution", 64), ("save-every", 1),
                            ("learning-rate", 0.001)):
         set_number(b, f"afa-train-{elem_id}", value)
+    open_accordion(b, "more training options", "afa-train-sample-steps")
+    set_number(b, "afa-train-sample-steps", 3)
     b.eval("document.querySelector('#afa-train-start').click()")
     b.wait_for("document.querySelector('#afa-status').innerText.startsWith('Busy: training')", timeout=30,
                what="the status bar to show the training")
@@ -61,6 +65,9 @@ def test_training_from_the_page_shows_the_curve_and_the_validation_table(page, t
     assert "browser_agg.safetensors" in b.eval("document.querySelector('#afa-train-progress').innerText")
     b.wait_for("document.querySelector('#afa-train-curve img')?.naturalWidth === 640", timeout=30,
                what="the loss curve")
+    b.wait_for("[...document.querySelectorAll('#afa-train-samples img')].filter(i => i.naturalWidth === 64)"
+               ".length === 2", timeout=30, what="the two sample images (64 px) in the gallery")
+    assert gallery_captions(b, "afa-train-samples") == ["step 1", "step 2"]
     shot(b, tmp_path, "studio_train.png")
     # the Generate tab's aggregator list has the new file, without a restart or a reload
     open_tab(b, "Generate")

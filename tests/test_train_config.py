@@ -135,7 +135,8 @@ def test_cli_flags_are_generated_from_the_config_and_parse_into_it(comfy):
     assert config_from_args(parser.parse_args(base)) == TrainConfig(dataset="d", out="o")
     for f in tc.options(CLI):  # each flag, given alone, sets its field and nothing else
         o, flag = opt(f), opt(f).name_in(f, CLI)
-        value = {"int": 64 if o.max is None else min(o.max, 64), "float": 0.25, "bool": True, "path": "x/y"}.get(
+        value = {"int": 64 if o.max is None else min(o.max, 64), "float": 0.25, "bool": True, "path": "x/y",
+                 "str": "a red picture"}.get(
             o.kind_of(f))
         value = o.choices[-1] if o.choices else value
         given = {"--data": "d", "--out": "o", flag: None if value is True else str(value)}
@@ -164,7 +165,8 @@ def test_studio_form_is_generated_from_the_config(comfy):
         assert kind == (list(opt(f).choices) if opt(f).choices else
                         {"int": "INT", "float": "FLOAT", "bool": "BOOLEAN"}.get(opt(f).kind_of(f), "STRING"))
     assert [n for n in specs if not specs[n][1].get("advanced")] == [
-        "dataset_folder", "steps", "batch_size", "learning_rate", "resolution", "save_name", "save_every", "resume"]
+        "dataset_folder", "steps", "batch_size", "learning_rate", "resolution", "save_name", "save_every", "resume",
+        "sample_prompt"]
     options = check_options({"steps": 7.0, "sabw_hidden": "64", "sabw_heads": 4})
     assert (options["steps"], options["sabw_hidden"], options["save_every"]) == (7, 64, 250)
     assert "cache_dir" not in specs  # CLI only: the studio trains inside ComfyUI's folders

@@ -76,9 +76,10 @@ INFO = [{"name": "plus.safetensors", "sha256": "aa" * 32}, {"name": "minus.safet
 
 
 def run(tmp_path, name="agg.safetensors", data=None, exps=None, info=INFO, **kw):
-    resume, should_stop, progress = kw.pop("resume", False), kw.pop("should_stop", None), kw.pop("progress", None)
+    callbacks = {k: kw.pop(k, None) for k in ("should_stop", "progress", "on_save")}
+    resume = kw.pop("resume", False)
     return train_aggregator(exps or experts(), LAYOUT, data or make_data(), SCHEDULE, config(**kw), tmp_path / name,
-                            info, resume=resume, should_stop=should_stop, progress=progress)
+                            info, resume=resume, **callbacks)
 
 
 def test_lr_warmup_is_linear_then_constant():

@@ -42,15 +42,13 @@ from .sabw import Aggregator, SABWConfig
 from .spec import Mode
 from .train_config import Comm, NoiseSchedule, TrainConfig, amp_dtype, lr_at
 from .train_data import Batch, DataOrder, TrainData, make_batch, validation_batches
-from .train_report import FINAL_LOSS_WINDOW, format_validation
+from .train_report import TRAINED_ROW, format_validation, run_metadata
 from .train_state import (clean_interrupted_saves, finish_sidecar, read_resume_file, read_sidecar, state_path,
                           write_sidecar)
 
 __all__ = ["AggregatorTrainer", "Batch", "Comm", "NoiseSchedule", "TrainConfig", "TrainData", "TrainResult",
            "evaluate_aggregator", "format_validation", "lr_at", "state_path", "train_aggregator"]
 
-TRAINED_ROW = "AFA aggregator (trained)"   # the validation table's row of the aggregator
-CURVE_POINTS = 200       # loss-curve points kept in the file's metadata
 
 
 @dataclass
@@ -93,6 +91,7 @@ class AggregatorTrainer:
         self.step, self.position, self.seed = 0, 0, config.seed
         self.history, self.val_history, self.validation, self.reference = [], [], None, None
         self.last_saved, self.saved_batch_size = None, None
+        self.on_save: Optional[Callable[[int, Path], None]] = None   # after each save (rank 0), see run
         if self.out_path is not None and self.comm.rank == 0:
             clean_interrupted_saves(self.out_path)
         resume_file = resume and self.out_path is not None and self.out_path.exists()
@@ -291,24 +290,7 @@ class AggregatorTrainer:
 
     # ------------------------------------------------------------------ files
     def metadata(self, finished: bool) -> dict:
-        c = self.config
-        recent = [h[1] for h in self.history[-FINAL_LOSS_WINDOW:]]
-        stride = max(1, math.ceil(len(self.history) / CURVE_POINTS))
-        curve = self.history[::stride] + ([self.history[-1]] if self.history and (len(self.history) - 1) % stride else [])
-        return {
-            "step": self.step, "steps": c.steps, "finished": finished, "samples_seen": self.position,
-            "data": {"train_samples": len(self.data.train), "val_samples": len(self.data.val),
-                     **self.extra_meta.get("data", {})},
-            "config": {"batch_size": c.batch_size, "grad_accum": c.grad_accum, "lr": c.lr,
-                       "weight_decay": c.weight_decay, "warmup_steps": c.warmup_steps,
-                       "max_grad_norm": c.max_grad_norm, "caption_dropout": c.caption_dropout, "seed": self.seed,
-                       "mixed_precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "no",
-                       "gradient_checkpointing": self.checkpointing, "world_size": self.comm.world_size},
-            "final_train_loss": sum(recent) / len(recent) if recent else None,
-            "final_val_loss": self.val_history[-1][1] if self.val_history else None,
-            "validation": self.validation, "loss_curve": curve, "val_curve": self.val_history,
-            **{k: v for k, v in self.extra_meta.items() if k != "data"},
-        }
+        return run_metadata(self, finished)
 
     def save(self, finished=False) -> dict:
         meta = self.metadata(finished)
@@ -325,13 +307,18 @@ class AggregatorTrainer:
                 raise TrainingError(f"saving step {self.step} failed, training stopped: {e} "
                                     f"{self._last_good('once the disk has room')}") from e
             finish_sidecar(self.out_path, saved=True)
+            if self.on_save is not None:
+                self.on_save(self.step, self.out_path)
         self.last_saved = self.step
         return meta
 
     # ------------------------------------------------------------------ loop
     def run(self, should_stop: Optional[Callable[[], bool]] = None,
-            progress: Optional[Callable[[int, int, float], None]] = None) -> TrainResult:
-        cfg = self.config
+            progress: Optional[Callable[[int, int, float], None]] = None,
+            on_save: Optional[Callable[[int, Path], None]] = None) -> TrainResult:
+        """Train to config.steps; progress(step, steps, loss) after each step, on_save(step, file)
+        after each save on rank 0 (e.g. to render a sample with the file)."""
+        cfg, self.on_save = self.config, on_save
         val_every = cfg.val_every or cfg.save_every
         if self.step >= cfg.steps:
             logger.info("%s is already at step %d (>= %d steps): nothing to train", self.out_path, self.step, cfg.steps)
@@ -387,11 +374,12 @@ def predict(executor, experts, x, timesteps, contexts, ys):
 
 
 def train_aggregator(experts, layout, data, schedule, config, out_path=None, expert_info=None, resume=False,
-                     should_stop=None, progress=None, device="cpu", comm=None, extra_meta=None) -> TrainResult:
-    """Train (or resume) an aggregator for `experts`; see AggregatorTrainer."""
+                     should_stop=None, progress=None, device="cpu", comm=None, extra_meta=None,
+                     on_save=None) -> TrainResult:
+    """Train (or resume) an aggregator for `experts`; see AggregatorTrainer.run."""
     trainer = AggregatorTrainer(experts, layout, data, schedule, config, out_path, expert_info, resume,
                                 device, comm, extra_meta)
-    return trainer.run(should_stop, progress)
+    return trainer.run(should_stop, progress, on_save)
 
 
 def evaluate_aggregator(experts, layout, data, schedule, config, aggregator=None, expert_info=None, device="cpu",

@@ -291,6 +291,16 @@ class TrainConfig:
                      help="SABW attention heads (ignored on resume).")
     depth: int = opt(2, "aggregator", fronts=TOOLS, ui_name="sabw_depth", cli="--sabw-depth", min=1, max=8,
                      advanced=True, help="SABW transformer blocks per aggregation point (ignored on resume).")
+    sample_prompt: str = opt(
+        "", "output", fronts=TOOLS, metavar="TEXT",
+        help="At every save, one image of this prompt made with the aggregator so far (the run's seed and "
+             "resolution), written to models/afa/<save name>.samples/step_NNNNNN.png. Empty: no sample images.",
+        cli_help="At every save, one image of this prompt made with the aggregator so far (the run's seed and "
+                 "resolution), written to <out without .safetensors>.samples/step_NNNNNN.png. Empty: none.")
+    sample_steps: int = opt(20, "output", fronts=TOOLS, min=1, max=200, advanced=True,
+                            help="Sampling steps of each sample image (euler, normal schedule).")
+    sample_cfg: float = opt(7.0, "output", fronts=TOOLS, min=0.0, max=100.0, step=0.5, advanced=True,
+                            help="CFG scale of the sample images (1 for guidance-distilled models such as FLUX dev).")
 
     def __post_init__(self):
         self.check()

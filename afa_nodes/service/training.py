@@ -7,38 +7,42 @@
   expert alone, the block-wise average and, when given, an aggregator file) without training.
 - The node's and the studio's names resolved: `config_from_ui` (a folder name inside
   ComfyUI's input directory, a save name in models/afa), `dataset_in_input_dir`,
-  `aggregator_save_path`, `dataset_fingerprint`; `render_loss_curve` for the loss plot.
+  `aggregator_save_path`, `dataset_fingerprint`; `render_loss_curve` (+ `reference_losses`) for the loss plot.
+- Sample images: with config.sample_prompt, every save also renders one image with the file
+  just written (`render_sample`, the same sampling as generation) into `samples_dir(out)`.
 
 Callbacks: progress(step, total, loss) after each optimizer step; should_stop() polled before
-each step (a stop saves a resumable file); status(text) for what happens between steps.
+each step (a stop saves a resumable file); status(text) for what happens between steps;
+on_sample(step, png path) after each sample image.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 import folder_paths
 
-from .. import training_host
+from .. import logger, training_host
 from ..training_dit import differentiable_rope
 from ..core.aggregator_file import AggregatorFile, check_fits
 from ..core.errors import DatasetError, TrainingError
-from ..core.image_file import to_image
+from ..core.image_file import save_png
+from ..core.spec import EnsembleSpec, Mode
 from ..core.train import TrainResult, evaluate_aggregator, format_validation, state_path, train_aggregator
+from ..core.train_report import reference_losses, render_loss_curve
 from ..core.train_config import NODE, Comm, TrainConfig, from_ui
-from . import models
+from . import models, sampling
 
 __all__ = ["TrainConfig", "TrainResult", "aggregator_save_path", "config_from_ui", "dataset_fingerprint",
-           "dataset_in_input_dir", "evaluate", "format_validation", "render_loss_curve", "state_path", "train"]
+           "dataset_in_input_dir", "evaluate", "format_validation", "reference_losses", "render_loss_curve",
+           "render_sample", "samples_dir", "state_path", "train"]
 
-CURVE_SIZE = (640, 360)
 Progress = Callable[[int, int, float], None]
 
 
@@ -101,16 +105,56 @@ def dataset_fingerprint(name) -> str:
 
 def train(experts: models.ExpertSet, clip, vae, config: TrainConfig, progress: Optional[Progress] = None,
           should_stop: Optional[Callable[[], bool]] = None, status: Optional[Callable[[str], None]] = None,
-          comm: Optional[Comm] = None) -> TrainResult:
+          comm: Optional[Comm] = None, on_sample: Optional[Callable[[int, Path], None]] = None) -> TrainResult:
     """Train (or, with config.resume, continue) an aggregator for `experts` (frozen); see the module."""
     config = config.for_run()
+
+    def sample_at_save(step: int, path: Path):
+        if status:
+            status(f"step {step}: rendering a sample image")
+        try:
+            png = render_sample(experts, clip, vae, config, path, step)
+        except Exception as e:  # noqa: BLE001 - a sample image is a preview: training goes on without it
+            logger.warning("step %d: no sample image (%s: %s); training goes on", step, type(e).__name__, e)
+            return
+        if on_sample:
+            on_sample(step, png)
+
     with torch.inference_mode(False), torch.enable_grad(), differentiable_rope():
         seed = training_host.data_seed(config.out, config.seed, config.resume)
         run = training_host.prepare(experts, clip, vae, config, seed, comm, status)
         meta = {"data": run.data_meta, **run.objective}
         return train_aggregator(run.experts, run.layout, run.data, run.schedule, config, config.out, run.info,
                                 resume=config.resume, should_stop=should_stop, progress=progress, device=run.device,
-                                comm=comm, extra_meta=meta)
+                                comm=comm, extra_meta=meta, on_save=sample_at_save if config.sample_prompt else None)
+
+
+def samples_dir(out_path) -> Path:
+    """Where a run's sample images go: models/afa/<name>.samples/ beside <name>.safetensors."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".samples")
+
+
+def render_sample(experts: models.ExpertSet, clip, vae, config: TrainConfig, aggregator_path, step: int) -> Path:
+    """One image of config.sample_prompt from the ensemble with the aggregator file just saved
+    (the run's seed and resolution, config.sample_steps and sample_cfg) -> samples_dir/step_NNNNNN.png,
+    written atomically with its settings. The experts are then loaded for training again."""
+    settings = sampling.SampleSettings(prompt=config.sample_prompt, width=config.resolution,
+                                       height=config.resolution, steps=config.sample_steps,
+                                       cfg=config.sample_cfg, seed=config.seed).checked()
+    try:
+        spec = EnsembleSpec(mode=Mode.AGGREGATOR, aggregator=str(aggregator_path))
+        model = models.ensemble_of_models(experts.patchers, experts.names, spec,
+                                          models.load_aggregator_file(aggregator_path))
+        _, images = sampling.sample(model, clip, vae, settings)
+    finally:
+        training_host.ready_for_training(experts)  # sampling may have moved or re-created the weights
+    out = samples_dir(config.out) / f"step_{step:06d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(images[0], out, {"afa": {"sample": asdict(settings), "step": step, "experts": list(experts.names),
+                                      "aggregator": Path(aggregator_path).name}})
+    logger.info("step %d: sample image %s", step, out)
+    return out
 
 
 def evaluate(experts: models.ExpertSet, clip, vae, config: TrainConfig, aggregator=None,
@@ -135,44 +179,3 @@ def evaluate(experts: models.ExpertSet, clip, vae, config: TrainConfig, aggregat
         module = agg_file.build() if agg_file is not None else None
         return evaluate_aggregator(run.experts, run.layout, run.data, run.schedule, config, module, run.info,
                                    run.device, comm, seed)
-
-
-def render_loss_curve(history, val_history, title="AFA aggregator training", size=CURVE_SIZE) -> torch.Tensor:
-    """Train loss (line) and validation loss (dots) per step -> IMAGE [1, H, W, 3] float 0..1."""
-    w, h = size
-    img = Image.new("RGB", size, (250, 250, 250))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    left, right, top, bottom = 64, 16, 30, 40
-    draw.text((left, 8), title, fill=(25, 25, 25), font=font)
-    points = [(s, v) for s, v in list(history) + list(val_history) if v is not None and math.isfinite(v)]
-    if not points:
-        draw.text((left, h // 2), "no steps trained yet", fill=(90, 90, 90), font=font)
-        return to_image(img)
-    log = min(v for _, v in points) > 0 and max(v for _, v in points) / min(v for _, v in points) > 20
-    tf = (lambda v: math.log10(v)) if log else (lambda v: v)
-    lo, hi = min(tf(v) for _, v in points), max(tf(v) for _, v in points)
-    hi = hi if hi > lo else lo + 1e-6
-    s_max = max(1, max(s for s, _ in points))
-
-    def xy(s, v):
-        return (left + (w - left - right) * s / s_max, top + (h - top - bottom) * (1 - (tf(v) - lo) / (hi - lo)))
-    draw.rectangle([left, top, w - right, h - bottom], outline=(160, 160, 160))
-    for frac in (0.0, 0.5, 1.0):
-        value = lo + (hi - lo) * frac
-        label = f"{10 ** value:.3g}" if log else f"{value:.3g}"
-        y = top + (h - top - bottom) * (1 - frac)
-        draw.text((4, y - 6), label, fill=(60, 60, 60), font=font)
-    draw.text((left, h - bottom + 6), "0", fill=(60, 60, 60), font=font)
-    draw.text((w - right - 40, h - bottom + 6), f"step {s_max}", fill=(60, 60, 60), font=font)
-    train_line = [xy(s, v) for s, v in history if v is not None and math.isfinite(v)]
-    if len(train_line) > 1:
-        draw.line(train_line, fill=(31, 119, 180), width=2)
-    elif train_line:
-        x, y = train_line[0]
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(31, 119, 180))
-    for s, v in val_history:
-        x, y = xy(s, v)
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(255, 127, 14))
-    draw.text((left + 8, h - 18), "train loss (line)   validation loss (dots)", fill=(60, 60, 60), font=font)
-    return to_image(img)

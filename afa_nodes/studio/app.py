@@ -18,7 +18,7 @@ from ..core.spec import Mode
 from . import catalog
 from .gen_tab import checkpoint_hint, generate_tab, lora_list, wire_generate
 from .state import Studio
-from .train_tab import train_tab, train_values, wire_train
+from .train_tab import samples_key, train_tab, train_values, wire_train
 from .training import validation_rows
 from .ui import JOB_GROUP, TITLE, user_errors, waiting_requests
 from .winmap_tab import winmap_tab
@@ -168,7 +168,7 @@ def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: 
     lists = [gen["checkpoints"], gen["aggregator"], train["checkpoints"], train["options"]["dataset_folder"],
              gen["controlnet"]]
     texts = [gen["hint"], gen["cache"], gen["lora_list"]]
-    train_outputs = [train["progress"], train["curve"], train["table"], train["report"]]
+    train_outputs = [train["progress"], train["curve"], train["table"], train["report"], train["samples"]]
 
     def poll(last):
         """Every second per open page: the status bar, and what changed since this page's last poll."""
@@ -179,7 +179,9 @@ def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: 
             out += [gr.skip()] * len(train_outputs)
         else:
             last["train"] = (snap.version, snap.state)
-            out += train_values(snap)
+            samples = samples_key(snap)
+            out += train_values(snap, samples_changed=last.get("samples") != samples)
+            last["samples"] = samples
         for i, values in enumerate(_list_choices()):
             if last.get(f"list{i}") == values:
                 out.append(gr.skip())
@@ -227,7 +229,7 @@ def _status_api(demo: gr.Blocks, studio: Studio) -> dict:
             "training": {"state": snap.state, "message": snap.message, "step": snap.step, "total": snap.total,
                          "loss": snap.history[-1][1] if snap.history else None, "eta_seconds": snap.eta_seconds,
                          "validation": validation_rows(snap.validation), "file": snap.out_path,
-                         "report": snap.report}}
+                         "report": snap.report, "samples": snap.samples}}
 
 
 # ---------------------------------------------------------------- serving

@@ -1,21 +1,27 @@
 """The Train tab: the training options (generated from the training config), Start / Stop, and
-what a run shows (progress, loss curve, validation table, report)."""
+what a run shows (progress with the time left, loss curve with each model's and the untrained
+ensemble's validation loss as references, validation table, sample images, report)."""
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import gradio as gr
 import torch
 
 from ..core.image_file import to_pil
-from ..service.training import render_loss_curve
+from PIL import Image
+
+from .. import logger
+from ..service.training import reference_losses, render_loss_curve
 from . import catalog
 from .state import Studio
 from .training import TrainSnapshot, option_specs, validation_rows
 from .ui import JOB_GROUP, TITLE, as_text, label, user_errors
 
 VALIDATION_HEADERS = ["model / ensemble", "eps-MSE", "best"]
+OWN_ROW = ("dataset_folder", "save_name", "sample_prompt")   # options with a row each
 
 
 def train_tab() -> dict:
@@ -36,27 +42,30 @@ def train_tab() -> dict:
                 c["start"] = gr.Button("Start", variant="primary", elem_id="afa-train-start")
                 c["stop"] = gr.Button("Stop", variant="stop", elem_id="afa-train-stop")
             c["progress"] = gr.Markdown("No training has run in this studio yet.", elem_id="afa-train-progress")
-            c["curve"] = gr.Image(label="loss (train: line, validation: dots)", type="pil", format="png",
+            c["curve"] = gr.Image(label="loss: train (line), validation of the aggregator (dots), of each model "
+                                        "alone and of the untrained ensemble (dashed)", type="pil", format="png",
                                   interactive=False, elem_id="afa-train-curve")
             c["table"] = gr.Dataframe(headers=VALIDATION_HEADERS, value=[], interactive=False,
                                       label="validation on held-out images (lower is better): each model alone, "
                                             "the uniform ensemble, the trained aggregator",
                                       column_widths=["65%", "20%", "15%"], elem_id="afa-train-table")
+            c["samples"] = gr.Gallery(label="sample images (one per save, with the 'sample prompt')", columns=4,
+                                      height=280, object_fit="contain", interactive=False, elem_id="afa-train-samples")
             c["report"] = gr.Textbox(label="report", lines=6, interactive=False)
     return c
 
 
 def _option_rows(widgets: dict, specs: dict, names: list, per_row: int = 2):
-    """The node's options as widgets, `per_row` to a row (the two path options get a row each)."""
+    """The node's options as widgets, `per_row` to a row (OWN_ROW get a row each)."""
     pending = []
     for name in names + [None]:
-        if name in (None, "dataset_folder", "save_name") or len(pending) == per_row:
+        if name in (None,) + OWN_ROW or len(pending) == per_row:
             if pending:
                 with gr.Row():
                     for n in pending:
                         widgets[n] = _option_widget(n, *specs[n])
             pending = []
-        if name in ("dataset_folder", "save_name"):
+        if name in OWN_ROW:
             widgets[name] = _option_widget(name, *specs[name])
         elif name is not None:
             pending.append(name)
@@ -108,14 +117,41 @@ def wire_train(studio: Studio, train: dict):
                         api_description="Stop the training run; it saves a resumable file.")
 
 
-def train_values(snap: TrainSnapshot) -> list:
+def train_values(snap: TrainSnapshot, samples_changed: bool = True) -> list:
+    """[progress, curve, table, report, samples] of the Train tab (samples: gr.skip() unless changed)."""
+    samples = sample_gallery(snap.samples) if samples_changed else gr.skip()
     if snap.state == "idle":
-        return [snap.message, None, [], ""]
+        return [snap.message, None, [], "", samples]
     head = {"starting": "Starting", "running": "Training", "stopping": "Stopping", "finished": "Finished",
             "stopped": "Stopped", "failed": "Failed"}[snap.state]
     name = Path(snap.out_path).name if snap.out_path else ""
     text = f"**{head}** `{name}`: {snap.progress_text()}"
     if snap.state in ("finished", "stopped", "failed", "starting"):
         text += f"\n\n{as_text(snap.message)}" if snap.message not in text else ""
-    curve = to_pil(render_loss_curve(snap.history, snap.val_history, f"{name}: step {snap.step}/{snap.total}"))
-    return [text, curve, validation_rows(snap.validation), snap.report]
+    curve = to_pil(render_loss_curve(snap.history, snap.val_history, f"{name}: step {snap.step}/{snap.total}",
+                                     references=reference_losses(snap.validation)))
+    return [text, curve, validation_rows(snap.validation), snap.report, samples]
+
+
+def samples_key(snap: TrainSnapshot) -> list:
+    """Changes when the sample images to show change (a new image, or a new run writing the same names)."""
+    key = []
+    for _, path in snap.samples:
+        try:
+            key.append([path, os.stat(path).st_mtime_ns])
+        except OSError:
+            key.append([path, None])
+    return key
+
+
+def sample_gallery(samples: list) -> list:
+    """[(PIL image, "step N")] of the run's sample images, read into memory (the samples folder
+    is not one gradio serves files from); a file removed since is left out."""
+    out = []
+    for step, path in samples:
+        try:
+            with Image.open(path) as img:
+                out.append((img.convert("RGB"), f"step {step}"))
+        except OSError as e:
+            logger.warning("sample image %s is not readable: %s", path, e)
+    return out

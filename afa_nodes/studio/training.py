@@ -9,7 +9,8 @@ dataset is a subfolder of ComfyUI's input directory; the file is models/afa/<sav
 Stop sets a flag that the trainer polls before every step; it then saves the aggregator
 and its resume state (tick 'resume' and Start to continue). The validation table is
 live: the trainer writes it into the file's metadata at every save, and the run reads
-it back from there.
+it back from there. With a sample prompt, every save also renders a sample image
+(service.training.render_sample); the run lists them as they are written.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class TrainSnapshot:
     history: list = field(default_factory=list)      # [[step, train loss]]
     val_history: list = field(default_factory=list)  # [[step, validation loss]]
     validation: Optional[dict] = None                # the trainer's table (rows of name/loss)
+    samples: list = field(default_factory=list)      # [[step, png path]] of this run, in order
     eta_seconds: Optional[float] = None
     elapsed_seconds: float = 0.0
     out_path: Optional[str] = None
@@ -141,7 +143,8 @@ class TrainingRun:
     def snapshot(self) -> TrainSnapshot:
         with self._lock:
             s = self._snap
-            copy = TrainSnapshot(**{**s.__dict__, "history": list(s.history), "val_history": list(s.val_history)})
+            copy = TrainSnapshot(**{**s.__dict__, "history": list(s.history), "val_history": list(s.val_history),
+                                    "samples": list(s.samples)})
         if copy.active:
             copy.elapsed_seconds = time.monotonic() - self._started
         return copy
@@ -152,7 +155,7 @@ class TrainingRun:
             self._status("loading the checkpoints")
             experts, clip, vae = models.experts_from_files(self.checkpoints)
             result = training.train(experts, clip, vae, self.config, progress=self._progress,
-                                    should_stop=self._stop.is_set, status=self._status)
+                                    should_stop=self._stop.is_set, status=self._status, on_sample=self._sample)
             if result.stopped and result.path is None:
                 message = f"stopped before the first step: nothing trained, {self.out_path.name} was not written."
             elif result.stopped:
@@ -197,6 +200,11 @@ class TrainingRun:
                      eta_seconds=eta, message=f"training {self.out_path.name}", **self._saved_validation())
         if self.job is not None:
             self.job.detail = self.snapshot().progress_text(elapsed=False)
+
+    def _sample(self, step: int, path):
+        with self._lock:
+            self._snap.samples.append([step, str(path)])
+        self._update(message=f"step {step}: sample image {path.name}")
 
     def _saved_validation(self) -> dict:
         """The validation table and curve of the last save of THIS run (the file's metadata)."""
