@@ -80,9 +80,11 @@ def test_every_mode_shows_its_parameters_and_they_reach_the_ensemble(page, comfy
         set_number(b, elem_id, value)
     visible = "(id => !!document.querySelector('#' + id) && document.querySelector('#' + id).offsetParent !== null)"
     for mode, shown in (("fixed weights", ["afa-gen-weights"]), ("single model", ["afa-gen-model-index"]),
-                        ("aggregator", ["afa-gen-map-refresh", "afa-gen-precision"]), ("noise average", [])):
+                        ("aggregator", ["afa-gen-map-refresh", "afa-gen-precision", "afa-gen-full-res"]),
+                        ("noise average", [])):
         set_mode(b, mode)
-        for elem_id in ("afa-gen-weights", "afa-gen-model-index", "afa-gen-map-refresh", "afa-gen-precision"):
+        for elem_id in ("afa-gen-weights", "afa-gen-model-index", "afa-gen-map-refresh", "afa-gen-precision",
+                        "afa-gen-full-res"):
             b.wait_for(f"{visible}('{elem_id}') === {json.dumps(elem_id in shown)}", timeout=10,
                        what=f"{elem_id} {'shown' if elem_id in shown else 'hidden'} in mode {mode}")
     # single model 2 = base model 2's image, pixel for pixel
@@ -105,6 +107,15 @@ def test_every_mode_shows_its_parameters_and_they_reach_the_ensemble(page, comfy
     settings = json.loads(Image.open(newest).text["afa"])
     assert settings["map_refresh"] == 2 and settings["mode"] == "aggregator"
     assert json.loads(Image.open(newest).text["prompt"])["1"]["inputs"]["map_refresh"] == 2
+    # the aggregator at half resolution: another image, and the saved workflow says so
+    set_number(b, "afa-gen-map-refresh", 1)
+    select(b, "afa-gen-full-res", "half resolution")
+    run_generation(b, 1)
+    assert mse(results[1], images_shown(page)[0]) > 0
+    newest = max((comfy.output_dir / "afa_studio").glob("*_ensemble_0.png"), key=lambda p: p.stat().st_mtime)
+    assert json.loads(Image.open(newest).text["afa"])["full_res"] == "half resolution"
+    assert json.loads(Image.open(newest).text["prompt"])["1"]["inputs"]["full_res"] == "half resolution"
+    select(b, "afa-gen-full-res", "exact")
     b.eval("document.querySelector('#afa-gen-compare input').click()")
     set_mode(b, "block-wise average")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..core.spec import MODE_HELP, PRECISIONS, WEIGHTS_HELP, Mode
+from ..core.spec import FULL_RES_HELP, FULL_RES_NAMES, MODE_HELP, PRECISIONS, WEIGHTS_HELP, FullRes, Mode
 from ..service import models
 from . import catalog
 from .request import LORA_HELP, GenerateRequest
@@ -17,7 +17,7 @@ from .ui import JOB_GROUP, TITLE, user_errors
 
 # the request's fields, in the order of the form (the named API's parameters)
 GENERATE_PARAMS = ["checkpoints", "mode", "aggregator", "weights", "model_index", "map_refresh", "precision",
-                   "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "scheduler", "seed", "batch",
+                   "full_res", "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "scheduler", "seed", "batch",
                    "loras", "init_image", "mask", "denoise", "grow_mask", "controlnet", "control_image",
                    "control_strength", "compare", "record_maps"]
 IMAGE_DEFAULTS = {"init_image": None, "mask": None, "control_image": None}  # optional in the API
@@ -62,6 +62,9 @@ def generate_tab() -> dict:
                 c["precision"] = gr.Dropdown(list(PRECISIONS), value="auto", visible=False,
                                              label="aggregator precision (auto = the models')",
                                              elem_id="afa-gen-precision")
+                c["full_res"] = gr.Dropdown(FULL_RES_NAMES, value=FullRes.EXACT.value, visible=False,
+                                            label="aggregator at full resolution", info=FULL_RES_HELP,
+                                            elem_id="afa-gen-full-res")
             c["prompt"] = gr.Textbox("a watercolor painting of a lighthouse at dawn", lines=2, label="prompt",
                                      elem_id="afa-gen-prompt")
             c["negative"] = gr.Textbox("", lines=1, label="negative prompt")
@@ -148,9 +151,10 @@ def wire_generate(studio: Studio, gen: dict, on_result, result_outputs: list):
 
     def mode_changed(mode):
         return (gr.Textbox(visible=mode == Mode.FIXED_WEIGHTS), gr.Number(visible=mode == Mode.SINGLE_MODEL),
-                gr.Number(visible=mode == Mode.AGGREGATOR), gr.Dropdown(visible=mode == Mode.AGGREGATOR))
+                gr.Number(visible=mode == Mode.AGGREGATOR), gr.Dropdown(visible=mode == Mode.AGGREGATOR),
+                gr.Dropdown(visible=mode == Mode.AGGREGATOR))
     gen["mode"].change(mode_changed, gen["mode"], [gen[k] for k in ("weights", "model_index", "map_refresh",
-                                                                    "precision")],
+                                                                    "precision", "full_res")],
                        api_visibility="private", queue=False, show_progress="hidden")
 
     def clear_cache():

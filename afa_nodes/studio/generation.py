@@ -240,7 +240,8 @@ def comfy_prompt(req: GenerateRequest, base: Optional[str] = None, base_loras=()
 
 
 def _ensemble_inputs(req: GenerateRequest) -> dict:
-    return {"mode": req.mode, "weights": req.weights, "model_index": req.model_index, "map_refresh": req.map_refresh}
+    return {"mode": req.mode, "weights": req.weights, "model_index": req.model_index, "map_refresh": req.map_refresh,
+            "full_res": req.full_res}
 
 
 def _lora_chain(add, name: str, loras) -> tuple:

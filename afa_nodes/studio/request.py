@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from ..core.errors import AFAError
 from ..core.image_file import to_image
-from ..core.spec import MAX_MODELS, EnsembleSpec, Mode
+from ..core.spec import MAX_MODELS, EnsembleSpec, FullRes, Mode
 from ..service import models, sampling
 from . import catalog
 
@@ -40,6 +40,7 @@ class GenerateRequest(sampling.SampleSettings):
     model_index: int = 1        # 1-based, as shown
     map_refresh: int = 1        # mode aggregator: recompute the weight maps every k steps
     precision: str = "auto"     # mode aggregator: the aggregator's compute dtype
+    full_res: str = FullRes.EXACT.value   # mode aggregator: how it runs at the full-resolution points
     loras: str = ""             # see the module
     init_image: Optional[str] = None     # img2img / inpainting: an image file
     mask: Optional[str] = None           # inpainting: white = repaint
@@ -63,11 +64,11 @@ class GenerateRequest(sampling.SampleSettings):
         spec = req.spec().checked()
         req.lora_lists()           # names known, strengths numbers, targets in range
         req.image_inputs()         # images readable, ControlNet known
-        return replace(req, mode=spec.mode.value)
+        return replace(req, mode=spec.mode.value, full_res=str(spec.full_res))
 
     def spec(self) -> EnsembleSpec:
         return EnsembleSpec.from_ui(self.checkpoints, self.mode, self.aggregator, self.weights, self.model_index,
-                                    self.map_refresh, self.precision)
+                                    self.map_refresh, self.precision, self.full_res)
 
     def lora_lists(self) -> list:
         """[LoraChoice list] per model: the ensemble's LoRAs, then the model's own."""
@@ -93,7 +94,8 @@ class GenerateRequest(sampling.SampleSettings):
         studio's extras)."""
         sample = {k: getattr(self, k) for k in sampling.SampleSettings.__dataclass_fields__}
         return dict(sample, mode=self.mode, weights=self.weights, model_index=self.model_index,
-                    map_refresh=self.map_refresh, precision=self.precision, checkpoints=list(self.checkpoints),
+                    map_refresh=self.map_refresh, precision=self.precision, full_res=self.full_res,
+                    checkpoints=list(self.checkpoints),
                     aggregator=None if self.aggregator == catalog.NONE else self.aggregator,
                     loras=[[(lo.name, lo.strength) for lo in per] for per in self.lora_lists()],
                     img2img=bool(self.init_image), inpaint=bool(self.mask),
