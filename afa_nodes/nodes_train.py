@@ -13,7 +13,7 @@ import comfy.utils
 from comfy_api.v0_0_2 import io, ui
 
 from . import logger
-from .core.errors import DatasetError, TrainingError
+from .core.errors import check_result
 from .core.spec import Mode
 from .core.train_config import NODE, options
 from .service import models, training
@@ -104,12 +104,8 @@ class AFATrainAggregator(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, dataset_folder, save_name):
-        try:
-            training.dataset_in_input_dir(dataset_folder)
-            training.aggregator_save_path(save_name)
-        except (DatasetError, TrainingError) as e:
-            return str(e)
-        return True
+        ok = check_result(training.dataset_in_input_dir, dataset_folder)
+        return ok if ok is not True else check_result(training.aggregator_save_path, save_name)
 
     @classmethod
     def fingerprint_inputs(cls, dataset_folder, **kwargs):
