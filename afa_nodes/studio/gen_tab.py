@@ -17,8 +17,8 @@ from .ui import JOB_GROUP, TITLE, user_errors
 
 # the request's fields, in the order of the form (the named API's parameters)
 GENERATE_PARAMS = ["checkpoints", "mode", "aggregator", "weights", "model_index", "map_refresh", "precision",
-                   "full_res", "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "scheduler", "seed", "batch",
-                   "loras", "init_image", "mask", "denoise", "grow_mask", "controlnet", "control_image",
+                   "full_res", "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "scheduler", "seed",
+                   "batch", "loras", "init_image", "mask", "denoise", "grow_mask", "controlnet", "control_image",
                    "control_strength", "compare", "record_maps"]
 IMAGE_DEFAULTS = {"init_image": None, "mask": None, "control_image": None}  # optional in the API
 QUEUE_LIMIT = 16   # requests gradio hands to the studio's own queue (JobBoard) at once

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import gradio as gr
 import torch
-
-from ..core.image_file import to_pil
 from PIL import Image
 
 from .. import logger
+from ..core.image_file import to_pil
 from ..service.training import reference_losses, render_loss_curve
 from . import catalog
 from .state import Studio
