@@ -333,7 +333,8 @@ def test_training_shows_live_progress_and_the_result_joins_the_aggregator_list(c
 def test_stop_twice_leaves_a_resumable_file_and_refuses_generation_meanwhile(client, comfy, names):
     from gradio_client.exceptions import AppError
     quick = dict(TRAIN, save_every=0, validation_fraction=0.0)  # no validation passes: stop and resume only
-    client.predict(checkpoints=names, **dict(quick, steps=500), save_name="studio_stop", api_name="/train_start")
+    client.predict(checkpoints=names, **dict(quick, steps=500), save_name="studio_stop", sample_prompt="a red picture",
+                   api_name="/train_start")  # a stop saves at once: no sample image to wait for
     running, _ = wait_for_training(client, done=lambda t: t["step"] >= 2 or t["state"] == "failed")
     assert running["state"] == "running" and running["eta_seconds"] > 0, running  # the time left is estimated
     with pytest.raises(AppError, match=r"busy: training \(studio_stop.safetensors.*press Stop"):
@@ -344,6 +345,7 @@ def test_stop_twice_leaves_a_resumable_file_and_refuses_generation_meanwhile(cli
     assert final["state"] == "stopped" and 1 <= final["step"] < 500 and "resume" in final["message"], final
     path = comfy.models_dir / "afa" / "studio_stop.safetensors"
     assert path.is_file() and path.with_name(path.name + ".train-state").is_file()
+    assert final["samples"] == [] and not path.with_suffix(".samples").exists()
     assert client.predict(api_name="/train_stop").startswith("No training is running")
     # resumable: one more step continues from the saved step
     client.predict(checkpoints=names, **dict(quick, steps=final["step"] + 1), resume=True, save_name="studio_stop",

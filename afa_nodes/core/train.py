@@ -50,7 +50,6 @@ __all__ = ["AggregatorTrainer", "Batch", "Comm", "NoiseSchedule", "TrainConfig",
            "evaluate_aggregator", "format_validation", "lr_at", "state_path", "train_aggregator"]
 
 
-
 @dataclass
 class TrainResult:
     aggregator: Aggregator

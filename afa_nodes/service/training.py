@@ -110,6 +110,8 @@ def train(experts: models.ExpertSet, clip, vae, config: TrainConfig, progress: O
     config = config.for_run()
 
     def sample_at_save(step: int, path: Path):
+        if should_stop is not None and should_stop():
+            return  # a stop saves at once: no sample to wait for
         if status:
             status(f"step {step}: rendering a sample image")
         try:
