@@ -28,11 +28,10 @@ import sys
 
 from . import logger
 from .core.errors import AFAError
+from .core.spec import CLIP_TYPES
 from .core.train_config import CLI, RUN_NEEDS, TrainConfig, options
 
 EXIT_ERROR, EXIT_CANCELLED = 2, 130
-# ComfyUI's CLIP loader types for --clip-type ("auto": the one of the experts' family)
-CLIP_TYPES = ("auto", "flux", "sd3", "chroma", "qwen_image", "stable_diffusion", "sdxl")
 
 
 def add_arguments(parser: argparse.ArgumentParser):

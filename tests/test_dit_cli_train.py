@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from dit_files import check_trained, sd3_demo_files
 from toy_dataset import make_dataset
 
 from afa_nodes import cli_train
 from afa_nodes.core.aggregator_file import load_aggregator
 from afa_nodes.core.errors import AFAError, IncompatibleModelsError
-from afa_nodes.core.files import file_sha256
+from afa_nodes.core.spec import CLIP_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--steps", "2", "--batch-size", "1", "--resolution", "64", "--lr", "1e-3", "--warmup", "0",
@@ -38,23 +39,12 @@ def run_cli(args, cwd, timeout=900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def sd3_files(comfy, sd15_checkpoints):
-    from conftest import checkpoint_cache_dir
-
-    from afa_nodes.comfy_dit_models import ensure_sd3_demo_files
-    return ensure_sd3_demo_files(checkpoint_cache_dir() / "dit", sd15_checkpoints[0].resolve())
+    return sd3_demo_files(sd15_checkpoints[0])
 
 
 def split_args(files, *extra):
     return ["--diffusion-model", *files["diffusion_models"], "--clip", *files["text_encoders"],
             "--vae", files["vae"][0], *extra]
-
-
-def check_trained(out: Path, files, family: str):
-    agg = load_aggregator(out)
-    assert agg.layout["family"] == family and agg.training["step"] == 2 and agg.training["finished"]
-    assert agg.training["objective"] == "flow-matching velocity MSE" and agg.training["target"] == "noise - x0"
-    assert [e["name"] for e in agg.experts] == [p.name for p in files["diffusion_models"]]
-    assert [e["sha256"] for e in agg.experts] == [file_sha256(p) for p in files["diffusion_models"]]
 
 
 @pytest.mark.comfyui
@@ -102,10 +92,12 @@ def test_bad_flag_combinations_fail_before_comfyui_boots(flags, message, tmp_pat
     assert any(re.search(message, r.getMessage()) for r in caplog.records), caplog.text
 
 
-def test_clip_type_choices_are_comfyuis_loader_types(comfy):
+def test_clip_type_choices_are_comfyuis_loader_types_for_the_cli_and_the_studio(comfy):
     import comfy.sd as comfy_sd
     known = {t.name.lower() for t in comfy_sd.CLIPType} | {"sdxl", "auto"}  # DualCLIPLoader's sdxl: its default
-    assert set(cli_train.CLIP_TYPES) <= known
+    assert set(CLIP_TYPES) <= known and CLIP_TYPES[0] == "auto"
+    from afa_nodes.studio import catalog
+    assert cli_train.CLIP_TYPES is CLIP_TYPES and catalog.CLIP_TYPES == list(CLIP_TYPES)  # one list, both front ends
 
 
 @pytest.mark.comfyui

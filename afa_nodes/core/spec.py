@@ -16,6 +16,9 @@ from .errors import AFAError
 MIN_MODELS, MAX_MODELS = 2, 6
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")   # the aggregator's compute dtype; auto = the experts'
 WEIGHT_GROUPS = ("input", "middle", "output")
+# text encoder types of DiTs shared as split files, as ComfyUI's Load CLIP / DualCLIPLoader /
+# TripleCLIPLoader name them ("auto": the experts' family's); the CLI and the studio offer these
+CLIP_TYPES = ("auto", "flux", "sd3", "chroma", "qwen_image", "stable_diffusion", "sdxl")
 
 
 class Mode(str, Enum):

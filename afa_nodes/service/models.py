@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from ..core.aggregator_file import AggregatorFile, load_aggregator
 from ..core.errors import AFAError
 from ..core.files import file_sha256
-from ..core.spec import EnsembleSpec, check_model_count
+from ..core.spec import CLIP_TYPES, EnsembleSpec, check_model_count  # noqa: F401 - CLIP_TYPES: for front ends
 from ..ensemble_model import build_ensemble, require_ensemble
 from ..per_model_clip import PerModelCLIP
 
@@ -271,6 +271,15 @@ def add_demo_checkpoints(folder=None) -> list:
 # DualCLIPLoader / TripleCLIPLoader (with a type) and "Load VAE"; `experts_from_split_files`
 # loads them the same way. The text encoder type for "auto", by the experts' family:
 CLIP_TYPE_OF_FAMILY = {"flux": "flux", "chroma": "chroma", "mmdit": "sd3", "qwen_image": "qwen_image"}
+SPLIT_FOLDERS = ("diffusion_models", "text_encoders", "vae")
+
+
+def split_file_names(folder: str) -> list:
+    """The files of one of ComfyUI's SPLIT_FOLDERS (models/diffusion_models, text_encoders, vae and
+    extra_model_paths.yaml), as its loaders list them."""
+    if folder not in SPLIT_FOLDERS:
+        raise ValueError(f"not a split-file folder: {folder}")
+    return folder_paths.get_filename_list(folder)
 
 
 def experts_from_split_files(diffusion_models, text_encoders, vae, clip_type: str = "auto") -> tuple:

@@ -35,11 +35,11 @@ class Studio:
                     progress(fraction, text)
             return generate(request, self.cache, report, job)
 
-    def start_training(self, checkpoints, options: dict) -> TrainingRun:
+    def start_training(self, checkpoints, options: dict, split: Optional[dict] = None) -> TrainingRun:
         """Validate and start a training run in its worker thread, in turn after the jobs before it
-        (StudioBusyError while a training runs). The cached checkpoints are dropped first:
-        training loads its own copies."""
-        run = TrainingRun(checkpoints, options, self.board)
+        (StudioBusyError while a training runs). `split`: DiT split files instead of checkpoints
+        (TrainingRun). The cached checkpoints are dropped first: training loads its own copies."""
+        run = TrainingRun(checkpoints, options, self.board, split)
         run.start(on_start=self.cache.clear)
         with self._lock:
             self.training = run

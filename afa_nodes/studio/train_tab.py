@@ -1,4 +1,5 @@
-"""The Train tab: the training options (generated from the training config), Start / Stop, and
+"""The Train tab: the models (checkpoints, or DiT split files: diffusion model files + text
+encoder(s) + VAE), the training options (generated from the training config), Start / Stop, and
 what a run shows (progress with the time left, loss curve with each model's and the untrained
 ensemble's validation loss as references, validation table, sample images, report)."""
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .ui import JOB_GROUP, TITLE, as_text, label, user_errors
 
 VALIDATION_HEADERS = ["model / ensemble", "eps-MSE", "best"]
 OWN_ROW = ("dataset_folder", "save_name", "sample_prompt")   # options with a row each
+SPLIT = ("diffusion_models", "text_encoders", "vae", "clip_type")   # DiT split files, instead of checkpoints
 
 
 def train_tab() -> dict:
@@ -31,6 +33,9 @@ def train_tab() -> dict:
             c["checkpoints"] = gr.Dropdown(catalog.checkpoints(), value=[], multiselect=True, max_choices=6,
                                            allow_custom_value=True, label="checkpoints to ensemble (2-6)",
                                            elem_id="afa-train-checkpoints")
+            with gr.Accordion("DiT split files (FLUX, SD3.5, Chroma, Qwen-Image): instead of checkpoints",
+                              open=False):
+                _split_widgets(c)
             main = [n for n in specs if not specs[n][1].get("advanced")]   # the others: "more training options"
             more = [n for n in specs if specs[n][1].get("advanced")]
             _option_rows(c["options"], specs, main)
@@ -52,6 +57,26 @@ def train_tab() -> dict:
                                       height=280, object_fit="contain", interactive=False, elem_id="afa-train-samples")
             c["report"] = gr.Textbox(label="report", lines=6, interactive=False)
     return c
+
+
+def _split_widgets(c: dict):
+    """Diffusion model files sharing text encoder file(s) and a VAE, as ComfyUI's Load Diffusion
+    Model, (Dual/Triple)CLIPLoader with a type and Load VAE read them."""
+    c["diffusion_models"] = gr.Dropdown(catalog.diffusion_models(), value=[], multiselect=True, max_choices=6,
+                                        allow_custom_value=True, label="diffusion model files (2-6)",
+                                        info="models/diffusion_models, as 'Load Diffusion Model' reads them",
+                                        elem_id="afa-train-diffusion-models")
+    c["text_encoders"] = gr.Dropdown(catalog.text_encoders(), value=[], multiselect=True, max_choices=3,
+                                     allow_custom_value=True, label="text encoder file(s) (1-3)",
+                                     info="models/text_encoders, shared by the diffusion models (FLUX: clip_l + "
+                                          "t5xxl; SD3/SD3.5: clip_l + clip_g + t5xxl)",
+                                     elem_id="afa-train-text-encoders")
+    with gr.Row():
+        c["vae"] = gr.Dropdown(catalog.vaes(), value=catalog.NONE, allow_custom_value=True, label="VAE",
+                               info="models/vae (FLUX: ae.safetensors)", elem_id="afa-train-vae")
+        c["clip_type"] = gr.Dropdown(catalog.CLIP_TYPES, value="auto", label="text encoder type",
+                                     info="as in ComfyUI's Load CLIP / DualCLIPLoader; auto: the models' family's",
+                                     elem_id="afa-train-clip-type")
 
 
 def _option_rows(widgets: dict, specs: dict, names: list, per_row: int = 2):
@@ -98,10 +123,12 @@ def wire_train(studio: Studio, train: dict):
 
     @user_errors
     def start(checkpoints, *values):
-        run = studio.start_training(list(checkpoints or []), dict(zip(names, values, strict=True)))
+        split = dict(zip(SPLIT, values[:len(SPLIT)], strict=True))
+        run = studio.start_training(list(checkpoints or []), dict(zip(names, values[len(SPLIT):], strict=True)),
+                                    split)
         return f"Started: {run.label()}. Progress appears here every second."
-    start.__signature__ = inspect.Signature(  # named API parameters: checkpoints + the node's options
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["checkpoints"] + names])
+    start.__signature__ = inspect.Signature(  # named API parameters: the models + the node's options
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["checkpoints", *SPLIT] + names])
 
     def stop():
         message = studio.stop_training()
@@ -109,7 +136,8 @@ def wire_train(studio: Studio, train: dict):
             gr.Warning(message, title=TITLE)
         return message
 
-    train["start"].click(start, [train["checkpoints"]] + [train["options"][n] for n in names], train["progress"],
+    inputs = [train["checkpoints"]] + [train[k] for k in SPLIT] + [train["options"][n] for n in names]
+    train["start"].click(start, inputs, train["progress"],
                          api_name="train_start", concurrency_id=JOB_GROUP, concurrency_limit=1,
                          api_description="Start training an aggregator (returns at once; poll /status).")
     train["stop"].click(stop, None, train["progress"], api_name="train_stop", concurrency_limit=None,

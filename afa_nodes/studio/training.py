@@ -4,7 +4,8 @@ The form is generated from core.train_config (`option_specs`: every TrainConfig 
 studio shows, with the node's input names, defaults, widget ranges and tooltips where the node
 shows it too); the values become a TrainConfig through service.training.config_from_ui (the
 dataset is a subfolder of ComfyUI's input directory; the file is models/afa/<save name>.safetensors
-+ .train-state) and the run is service.training.train on the checkpoints' experts.
++ .train-state) and the run is service.training.train on the experts of the checkpoints, or of
+the DiT split files (diffusion model files + text encoder(s) + VAE, catalog.SplitFiles).
 
 Stop sets a flag that the trainer polls before every step; it then saves the aggregator
 and its resume state (tick 'resume' and Start to continue). The validation table is
@@ -88,8 +89,10 @@ class TrainingRun:
     """One training job. `start()` validates and starts the worker thread (holding the board
     until it ends); `stop()` asks it to stop; `snapshot()` is safe to call from any thread."""
 
-    def __init__(self, checkpoints, options: dict, board: JobBoard):
-        self.checkpoints = catalog.check_checkpoints(checkpoints)
+    def __init__(self, checkpoints, options: dict, board: JobBoard, split: Optional[dict] = None):
+        """`split`: catalog.check_sources' split-file arguments (diffusion_models, text_encoders,
+        vae, clip_type); exactly one of `checkpoints` and `split` names the models."""
+        self.checkpoints, self.split = catalog.check_sources(checkpoints, **(split or {}))
         self.options = check_options(options)
         self.config = training.config_from_ui(self.options, STUDIO)
         self.out_path = self.config.out
@@ -107,7 +110,8 @@ class TrainingRun:
         self._file_mtime = None
 
     def label(self) -> str:
-        return f"{self.out_path.name}: {len(self.checkpoints)} models, {self.config.steps} steps"
+        count = len(self.split.diffusion_models) if self.split else len(self.checkpoints)
+        return f"{self.out_path.name}: {count} models, {self.config.steps} steps"
 
     # ------------------------------------------------------------------ control
     def start(self, on_start=None) -> "TrainingRun":
@@ -152,8 +156,14 @@ class TrainingRun:
     # ------------------------------------------------------------------ worker
     def _run(self):
         try:
-            self._status("loading the checkpoints")
-            experts, clip, vae = models.experts_from_files(self.checkpoints)
+            if self.split:
+                self._status("loading the diffusion models, their text encoder(s) and VAE")
+                experts, clip, vae = models.experts_from_split_files(
+                    list(self.split.diffusion_models), list(self.split.text_encoders), self.split.vae,
+                    self.split.clip_type)
+            else:
+                self._status("loading the checkpoints")
+                experts, clip, vae = models.experts_from_files(self.checkpoints)
             result = training.train(experts, clip, vae, self.config, progress=self._progress,
                                     should_stop=self._stop.is_set, status=self._status, on_sample=self._sample)
             if result.stopped and result.path is None:
