@@ -1,12 +1,15 @@
-"""AFA Studio's Train tab on DiT split files in headless Debian chromium (tests/browser.py): with
-no models chosen Start shows the message saying what to choose; the tiny SD3 split files
+"""AFA Studio on DiT split files in headless Debian chromium (tests/browser.py): with no models
+chosen Start shows the message saying what to choose; the tiny SD3 split files
 (tests/dit_files.py) picked under 'DiT split files' (diffusion models, text encoder, VAE, type)
-train an aggregator to the end from the page. Skipped when chromium is not installed."""
+train an aggregator to the end from the page, and generate in the Generate tab with each model
+alone beside the ensemble. Skipped when chromium is not installed."""
+import json
 from types import SimpleNamespace
 
 import pytest
-from browser import STUDIO_READY, choose, open_accordion, open_page, open_tab, pick, select, set_number, set_text, \
-    shot, toast
+from browser import STUDIO_READY, choose, gallery_files, open_accordion, open_page, open_tab, pick, run_generation, \
+    select, set_number, set_text, shot, toast
+from PIL import Image
 from dit_files import check_trained, in_comfyui_folders, sd3_demo_files
 from test_studio import DATASET, serve_studio
 from toy_dataset import make_dataset
@@ -29,7 +32,7 @@ def test_start_without_models_says_what_to_choose(page):
     open_tab(b, "Train")
     pick(b, "afa-train-dataset-folder", DATASET)
     b.eval("document.querySelector('#afa-train-start').click()")
-    assert "or under 'DiT split files' 2-6 diffusion model files" in toast(b, "choose the models to ensemble")
+    assert "or under 'DiT split files' 2-6 diffusion model files" in toast(b, "choose at least 2 checkpoints")
     assert b.eval("document.querySelector('#afa-status').innerText").startswith("Idle")
 
 
@@ -55,3 +58,26 @@ def test_training_on_split_files_picked_on_the_page(page, comfy, tmp_path):
     assert sum(names["diffusion_models"][0] in r for r in rows) == 1, rows
     shot(b, tmp_path, "studio_train_dit.png")
     check_trained(comfy.models_dir / "afa" / "browser_sd3.safetensors", page.files, "mmdit")
+
+
+def test_generating_with_split_files_picked_on_the_page(page, tmp_path):
+    b, names = page.b, page.names
+    open_tab(b, "Generate")
+    b.eval("[...document.querySelectorAll('button, .label-wrap')].filter(e => e.offsetParent !== null && "
+           "e.innerText.trim().startsWith('DiT split files')).pop()?.click()")   # the Generate tab's accordion
+    b.wait_for("document.querySelector('#afa-gen-diffusion-models')?.offsetParent != null", timeout=10,
+               what="the Generate tab's 'DiT split files' open")
+    choose(b, "afa-gen-diffusion-models", names["diffusion_models"])
+    choose(b, "afa-gen-text-encoders", names["text_encoders"])
+    select(b, "afa-gen-vae", names["vae"][0])
+    for elem_id, value in (("afa-gen-width", 64), ("afa-gen-height", 64), ("afa-gen-steps", 2), ("afa-gen-cfg", 2)):
+        set_number(b, elem_id, value)
+    if b.eval("document.querySelector('#afa-gen-record-maps input').checked"):
+        b.eval("document.querySelector('#afa-gen-record-maps input').click()")
+    captions = run_generation(b, 3)
+    assert captions == ["AFA ensemble (block-wise average)"] + [
+        f"base model {i + 1}: {n}" for i, n in enumerate(names["diffusion_models"])], captions
+    settings = json.loads(Image.open(gallery_files(b)[0]).text["afa"])
+    assert settings["split_files"]["diffusion_models"] == names["diffusion_models"]
+    assert settings["split_files"]["clip_type"] == "sd3" and settings["width"] == 64
+    shot(b, tmp_path, "studio_generate_dit.png")

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from ..core.aggregator_file import AggregatorFile, load_aggregator
 from ..core.errors import AFAError
 from ..core.files import file_sha256
-from ..core.spec import CLIP_TYPES, EnsembleSpec, check_model_count  # noqa: F401 - CLIP_TYPES: for front ends
+from ..core.spec import EnsembleSpec, check_model_count
 from ..ensemble_model import build_ensemble, require_ensemble
 from ..per_model_clip import PerModelCLIP
 
@@ -137,7 +137,7 @@ def merge_clips(clips: list):
 @dataclass
 class LoadedEnsemble:
     model: object        # the AFA MODEL
-    clip: object         # PerModelCLIP (each model's own text encoder)
+    clip: object         # PerModelCLIP (each model's own text encoder), or the shared one of split files
     vae: object          # model 1's VAE
     checkpoints: list    # Checkpoint per expert
 
@@ -150,15 +150,16 @@ def load_ensemble(spec: EnsembleSpec) -> LoadedEnsemble:
     return ensemble_of_checkpoints(load_checkpoints(spec.checkpoints), spec)
 
 
-def ensemble_of_checkpoints(ckpts: list, spec: EnsembleSpec) -> LoadedEnsemble:
+def ensemble_of_checkpoints(ckpts: list, spec: EnsembleSpec, shared_clip: bool = False) -> LoadedEnsemble:
     """Loaded checkpoints (in the order of the ensemble's models; each may carry its own LoRA, see
-    `with_loras`) + how to combine them -> the AFA MODEL, the per-model CLIP and model 1's VAE."""
+    `with_loras`) + how to combine them -> the AFA MODEL, the per-model CLIP and model 1's VAE.
+    `shared_clip`: the models share model 1's text encoder (DiT split files, split_files.load_split_files)."""
     spec = spec.checked(len(ckpts))
     agg_file = load_aggregator_file(spec.aggregator) if spec.mode.needs_aggregator else None
     hashes = [file_sha256(c.path) for c in ckpts] if agg_file is not None else None
     names = [c.path.name for c in ckpts]
     model = build_ensemble([c.model for c in ckpts], names, spec, agg_file, hashes, [str(c.path) for c in ckpts])
-    return LoadedEnsemble(model, per_model_clip(ckpts), ckpts[0].vae, ckpts)
+    return LoadedEnsemble(model, ckpts[0].clip if shared_clip else per_model_clip(ckpts), ckpts[0].vae, ckpts)
 
 
 def ensemble_of_models(models: list, names: list, spec: EnsembleSpec, aggregator: Optional[AggregatorFile] = None):
@@ -265,98 +266,20 @@ def add_demo_checkpoints(folder=None) -> list:
     return [p.name for p in paths]
 
 
-# ---------------------------------------------------------------- split DiT files
-# A DiT is shared as a diffusion model file (models/diffusion_models), text encoder files
-# (models/text_encoders) and a VAE (models/vae), loaded by "Load Diffusion Model", "Load CLIP" /
-# DualCLIPLoader / TripleCLIPLoader (with a type) and "Load VAE"; `experts_from_split_files`
-# loads them the same way. The text encoder type for "auto", by the experts' family:
-CLIP_TYPE_OF_FAMILY = {"flux": "flux", "chroma": "chroma", "mmdit": "sd3", "qwen_image": "qwen_image"}
-SPLIT_FOLDERS = ("diffusion_models", "text_encoders", "vae")
-
-
-def split_file_names(folder: str) -> list:
-    """The files of one of ComfyUI's SPLIT_FOLDERS (models/diffusion_models, text_encoders, vae and
-    extra_model_paths.yaml), as its loaders list them."""
-    if folder not in SPLIT_FOLDERS:
-        raise ValueError(f"not a split-file folder: {folder}")
-    return folder_paths.get_filename_list(folder)
-
-
+# ---------------------------------------------------------------- split DiT files (service.split_files)
 def experts_from_split_files(diffusion_models, text_encoders, vae, clip_type: str = "auto") -> tuple:
     """Diffusion model files + text encoder file(s) + a VAE file -> (ExpertSet, the text encoder
     shared by every expert, the VAE), as experts_from_files gives for checkpoints. `clip_type`:
     ComfyUI's CLIP loader type (flux, sd3, chroma, ...; "auto": from the experts' family).
     AFAError naming the file and the fix for a file of the wrong kind, experts of different
-    architectures, a text encoder or VAE that does not fit the experts."""
-    from ..core.layout import check_same_layout, derive_layout
+    architectures, a text encoder or VAE that does not fit the experts (split_files.load_split_files)."""
+    from .split_files import load_split_files
 
     check_model_count(len(diffusion_models), "training an aggregator")
-    if not text_encoders or not vae:
-        raise AFAError("diffusion model files need their text encoder file(s) and a VAE file: give both "
-                       "(e.g. FLUX: clip_l + t5xxl and ae.safetensors; SD3.5: clip_l + clip_g + t5xxl and its VAE).")
-    loaded = {}
-    for name in diffusion_models:
-        if name not in loaded:
-            loaded[name] = _load_diffusion_model(name)
-    paths = [loaded[name][0] for name in diffusion_models]
-    patchers = [loaded[name][1] for name in diffusion_models]
-    names = [p.name for p in paths]
-    layouts = [derive_layout(p.model.diffusion_model, f"'{n}'") for p, n in zip(patchers, names)]
-    check_same_layout(layouts, names)
-    layout = layouts[0]
-    clip_type = CLIP_TYPE_OF_FAMILY.get(layout.family, "stable_diffusion") if clip_type == "auto" else clip_type
-    clip = _load_text_encoders(text_encoders, clip_type, layout, names[0])
-    vae_model = _load_vae(vae, patchers[0], names[0])
-    experts = ExpertSet(patchers, names, [file_sha256(p) for p in paths], [str(p) for p in paths])
-    return experts, clip, vae_model
-
-
-def _load_diffusion_model(name):
-    path = resolve_file("diffusion_models", name)
-    try:
-        return path, comfy.sd.load_diffusion_model(str(path))
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise AFAError(f"'{path.name}' is not a diffusion model ComfyUI can detect ({str(e).splitlines()[0]}): give "
-                       "the model file (models/diffusion_models) here, text encoders and the VAE to their own options."
-                       ) from e
-
-
-def _load_text_encoders(names, clip_type: str, layout, model_name: str):
-    kind = getattr(comfy.sd.CLIPType, str(clip_type).upper(), None)
-    if kind is None and clip_type != "sdxl":  # ComfyUI's DualCLIPLoader type sdxl is its default type
-        known = ", ".join(sorted(t.name.lower() for t in comfy.sd.CLIPType))
-        raise AFAError(f"text encoder type '{clip_type}' is not one ComfyUI knows ({known}).")
-    paths = [resolve_file("text_encoders", n) for n in names]
-    files = ", ".join(p.name for p in paths)
-    try:
-        clip = comfy.sd.load_clip([str(p) for p in paths], folder_paths.get_folder_paths("embeddings"),
-                                  clip_type=kind or comfy.sd.CLIPType.STABLE_DIFFUSION)
-    except (RuntimeError, ValueError, KeyError, AttributeError) as e:
-        raise AFAError(f"{files} could not be loaded as text encoder(s) of type {clip_type} "
-                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): give text encoder files "
-                       "(models/text_encoders).") from e
-    width = clip.encode_from_tokens(clip.tokenize("")).shape[-1]
-    if width != layout.context_dim:
-        raise AFAError(f"the text encoder(s) {files} (type {clip_type}) give {width}-wide encodings but "
-                       f"'{model_name}' takes {layout.context_dim}: give the model's own text encoders and type "
-                       "(FLUX: clip_l + t5xxl, type flux; SD3/SD3.5: clip_l + clip_g + t5xxl, type sd3).")
-    return clip
-
-
-def _load_vae(name, patcher, model_name: str):
-    import comfy.utils
-
-    path = resolve_file("vae", name)
-    try:
-        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
-        vae.throw_exception_if_invalid()
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise AFAError(f"'{path.name}' is not a VAE ComfyUI can load ({str(e).splitlines()[0]}).") from e
-    wanted = patcher.model.latent_format.latent_channels
-    if vae.latent_channels != wanted:
-        raise AFAError(f"VAE '{path.name}' makes {vae.latent_channels}-channel latents but '{model_name}' takes "
-                       f"{wanted}: give the model's own VAE (FLUX: ae.safetensors; SD3/SD3.5: its 16-channel VAE).")
-    return vae
+    ckpts, _ = load_split_files(diffusion_models, text_encoders, vae, clip_type)
+    experts = ExpertSet([c.model for c in ckpts], [c.path.name for c in ckpts], [file_sha256(c.path) for c in ckpts],
+                        [str(c.path) for c in ckpts])
+    return experts, ckpts[0].clip, ckpts[0].vae
 
 
 def free_memory():

@@ -166,7 +166,8 @@ def _wire_maps(maps: dict, maps_state):
 # ---------------------------------------------------------------- poll (status bar, training, lists)
 def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: dict):
     lists = [gen["checkpoints"], gen["aggregator"], train["checkpoints"], train["options"]["dataset_folder"],
-             gen["controlnet"], train["diffusion_models"], train["text_encoders"], train["vae"]]
+             gen["controlnet"], train["diffusion_models"], train["text_encoders"], train["vae"],
+             gen["diffusion_models"], gen["text_encoders"], gen["vae"]]
     texts = [gen["hint"], gen["cache"], gen["lora_list"]]
     train_outputs = [train["progress"], train["curve"], train["table"], train["report"], train["samples"]]
 
@@ -208,8 +209,9 @@ def _wire_poll(demo: gr.Blocks, studio: Studio, status, seen, gen: dict, train: 
 def _list_choices() -> list:
     """Choices of the lists the poll keeps fresh, in the order of `_wire_poll`'s `lists`."""
     checkpoints = catalog.checkpoints()
+    split = [catalog.diffusion_models(), catalog.text_encoders(), catalog.vaes()]
     return [checkpoints, catalog.aggregators(), checkpoints, catalog.dataset_folders(), catalog.controlnets(),
-            catalog.diffusion_models(), catalog.text_encoders(), catalog.vaes()]
+            *split, *split]
 
 
 def _texts(studio: Studio) -> list:

@@ -15,12 +15,12 @@ import folder_paths
 
 from ..core.errors import AFAError
 from ..core.spec import MAX_MODELS, MIN_MODELS, MODE_NAMES, Mode, parse_mode
-from ..service import models
+from ..service import models, split_files
 from ..service.sampling import samplers, schedulers
 
 NONE = models.NONE
 MODES = MODE_NAMES
-CLIP_TYPES = list(models.CLIP_TYPES)   # text encoder types of split files (ComfyUI's CLIP loaders'; "auto" first)
+CLIP_TYPES = list(split_files.CLIP_TYPES)   # text encoder types of split files (ComfyUI's CLIP loaders'; "auto" first)
 MAX_TEXT_ENCODERS = 3                  # ComfyUI's TripleCLIPLoader
 
 __all__ = ["NONE", "MODES", "CLIP_TYPES", "checkpoints", "diffusion_models", "text_encoders", "vaes", "aggregators",
@@ -34,16 +34,16 @@ def checkpoints() -> list[str]:
 
 def diffusion_models() -> list[str]:
     """Diffusion model files of DiTs shared as split files (models/diffusion_models)."""
-    return models.split_file_names("diffusion_models")
+    return split_files.split_file_names("diffusion_models")
 
 
 def text_encoders() -> list[str]:
-    return models.split_file_names("text_encoders")
+    return split_files.split_file_names("text_encoders")
 
 
 def vaes() -> list[str]:
     """`none` followed by ComfyUI's VAE files (models/vae)."""
-    return [NONE] + models.split_file_names("vae")
+    return [NONE] + split_files.split_file_names("vae")
 
 
 def aggregators() -> list[str]:
@@ -138,9 +138,9 @@ def check_sources(checkpoints, diffusion_models=(), text_encoders=(), vae=None,
     if split:
         return [], check_split_files(diffusion_models, text_encoders, vae, clip_type)
     if not _chosen(checkpoints):
-        raise AFAError(f"choose the models to ensemble: at least {MIN_MODELS} checkpoints (models/checkpoints), or "
-                       f"under 'DiT split files' {MIN_MODELS}-{MAX_MODELS} diffusion model files "
-                       "(models/diffusion_models) with their text encoder file(s) and VAE.")
+        raise AFAError(f"choose at least {MIN_MODELS} checkpoints to ensemble (models/checkpoints), or under 'DiT "
+                       f"split files' {MIN_MODELS}-{MAX_MODELS} diffusion model files (models/diffusion_models) with "
+                       "their text encoder file(s) and VAE.")
     return check_checkpoints(checkpoints), None
 
 
@@ -160,7 +160,7 @@ def check_split_files(diffusion_models, text_encoders, vae, clip_type="auto") ->
     if clip_type not in CLIP_TYPES:
         raise AFAError(f"text encoder type '{clip_type}' is not one of {', '.join(CLIP_TYPES)}.")
     for folder, names in (("diffusion_models", dms), ("text_encoders", tes), ("vae", [vae_name])):
-        known = set(models.split_file_names(folder))
+        known = set(split_files.split_file_names(folder))
         missing = [n for n in names if n not in known]
         if missing:
             raise AFAError(f"{folder} file(s) {', '.join(missing)} not found in ComfyUI's {folder} folders "

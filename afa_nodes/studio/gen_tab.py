@@ -1,6 +1,7 @@
-"""The Generate tab: where checkpoints go (and the demo ones), the ensemble with every mode and
-its parameters, prompt and sampling settings, LoRAs, img2img / inpainting, ControlNet, compare
-mode, and the checkpoint cache (what is loaded, its size, Clear)."""
+"""The Generate tab: where checkpoints go (and the demo ones), or DiT split files (diffusion
+models + text encoder(s) + VAE), the ensemble with every mode and its parameters, prompt and
+sampling settings, LoRAs, img2img / inpainting, ControlNet, compare mode, and the checkpoint
+cache (what is loaded, its size, Clear)."""
 from __future__ import annotations
 
 import inspect
@@ -13,10 +14,10 @@ from ..service import models
 from . import catalog
 from .request import LORA_HELP, GenerateRequest
 from .state import Studio
-from .ui import JOB_GROUP, TITLE, user_errors
+from .ui import JOB_GROUP, SPLIT, TITLE, split_file_widgets, user_errors
 
 # the request's fields, in the order of the form (the named API's parameters)
-GENERATE_PARAMS = ["checkpoints", "mode", "aggregator", "weights", "model_index", "map_refresh", "precision",
+GENERATE_PARAMS = ["checkpoints", *SPLIT, "mode", "aggregator", "weights", "model_index", "map_refresh", "precision",
                    "full_res", "prompt", "negative", "width", "height", "steps", "cfg", "sampler", "scheduler", "seed",
                    "batch", "loras", "init_image", "mask", "denoise", "grow_mask", "controlnet", "control_image",
                    "control_strength", "compare", "record_maps"]
@@ -46,6 +47,9 @@ def generate_tab() -> dict:
                                                allow_custom_value=True, label="checkpoints (2-6, one architecture)",
                                                elem_id="afa-gen-checkpoints", scale=5)
                 c["refresh"] = gr.Button("↻", scale=0, min_width=40, elem_id="afa-refresh")
+            with gr.Accordion("DiT split files (FLUX, SD3.5, Chroma, Qwen-Image): instead of checkpoints",
+                              open=False):
+                split_file_widgets(c, "gen")
             with gr.Row():
                 c["mode"] = gr.Dropdown(catalog.MODES, value=Mode.BLOCK_AVERAGE.value, label="mode", info=MODE_HELP,
                                         elem_id="afa-gen-mode")
@@ -132,7 +136,9 @@ def wire_generate(studio: Studio, gen: dict, on_result, result_outputs: list):
     @user_errors
     def generate(*values, progress=gr.Progress()):  # noqa: B008 (gradio)
         fields = dict(zip(GENERATE_PARAMS, values, strict=True))
-        fields["checkpoints"] = list(fields["checkpoints"] or [])
+        for name in ("checkpoints", "diffusion_models", "text_encoders"):
+            fields[name] = list(fields[name] or [])
+        fields["vae"] = fields["vae"] or catalog.NONE
         fields["aggregator"] = fields["aggregator"] or catalog.NONE
         for name in ("compare", "record_maps"):
             fields[name] = bool(fields[name])

@@ -8,7 +8,9 @@ executor does), records the attention maps with `service.maps`, and saves every
 image as PNG into ComfyUI's output folder (`afa_studio/`) with two text chunks: "afa"
 (the settings, the same JSON as `python -m afa_nodes generate`) and "prompt" (the
 equivalent ComfyUI API graph, its LoRAs, ControlNet and init image / mask included, so dropping
-the file on ComfyUI loads the workflow).
+the file on ComfyUI loads the workflow). DiT split files (diffusion models sharing text encoder(s)
+and a VAE, from the cache file by file) run the same way; their graph loads them with Load
+Diffusion Model, Load CLIP / DualCLIPLoader / TripleCLIPLoader and Load VAE.
 """
 from __future__ import annotations
 
@@ -107,7 +109,6 @@ def generate(req: GenerateRequest, cache: CheckpointCache, progress: Optional[Pr
               + [f"base model {i + 1}/{len(alone)} ({key[0]})" for i, key in enumerate(alone)])
     tracker = StageProgress(stages, progress, job)
     inputs = req.image_inputs()
-    settings = req.settings()
     out_dir, prefix = _output_prefix(req)
     result = GenerationResult()
 
@@ -118,11 +119,16 @@ def generate(req: GenerateRequest, cache: CheckpointCache, progress: Optional[Pr
             result.pictures.append(Picture(path, caption + _nth(req, b)))
 
     with torch.inference_mode(), tracker.hooked():
-        tracker.stage(0, "loading the checkpoints")
-        patched = _patched_experts(cache, experts)
+        tracker.stage(0, "loading the checkpoints" if req.split is None else
+                      "loading the diffusion models, text encoder(s) and VAE")
+        patched, clip_type = _patched_experts(cache, experts, req.split)
+        if clip_type is not None:
+            req = replace(req, clip_type=clip_type)   # "auto" resolved: the graph's CLIP loader type
+        settings = req.settings()
         ckpts = [patched[key] for key in experts]
-        loaded = models.ensemble_of_checkpoints(ckpts, spec)
-        sampling.require_text_encoder(loaded.clip, req.checkpoints)
+        shared = req.split is not None
+        loaded = models.ensemble_of_checkpoints(ckpts, spec, shared_clip=shared)
+        sampling.require_text_encoder(loaded.clip, req.model_names)
         model, recorder = loaded.model, None
         if req.record_maps and spec.mode.mixes:
             model, recorder = maps.record_maps(model, points="all")
@@ -139,7 +145,8 @@ def generate(req: GenerateRequest, cache: CheckpointCache, progress: Optional[Pr
                            else "attention maps were not recorded (turn on 'record attention maps').")
         if average:
             tracker.stage(1, "sampling")
-            plain = models.ensemble_of_checkpoints(ckpts, replace(spec, mode=Mode.BLOCK_AVERAGE, aggregator=None))
+            plain = models.ensemble_of_checkpoints(ckpts, replace(spec, mode=Mode.BLOCK_AVERAGE, aggregator=None),
+                                                   shared_clip=shared)
             images = sampling.sample(plain.model, plain.clip, plain.vae, req, inputs)[1]
             save(images, "average", str(Mode.BLOCK_AVERAGE), f"{Mode.BLOCK_AVERAGE} ({len(ckpts)} models)",
                  comfy_prompt(replace(req, mode=Mode.BLOCK_AVERAGE.value, aggregator=catalog.NONE)))
@@ -156,15 +163,21 @@ def generate(req: GenerateRequest, cache: CheckpointCache, progress: Optional[Pr
 
 
 def _expert_keys(req: GenerateRequest) -> list:
-    """(checkpoint, its LoRAs) per model: one key per distinct patched model."""
-    return [(name, tuple(loras)) for name, loras in zip(req.checkpoints, req.lora_lists())]
+    """(checkpoint or diffusion model, its LoRAs) per model: one key per distinct patched model."""
+    return [(name, tuple(loras)) for name, loras in zip(req.model_names, req.lora_lists())]
 
 
-def _patched_experts(cache: CheckpointCache, keys: list) -> dict:
-    """Key -> the cached checkpoint with its LoRAs (one patched clone per distinct key, so one file
-    with the same LoRAs twice is one model, as ComfyUI requires)."""
-    loaded = dict(zip([k[0] for k in keys], cache.checkpoints([k[0] for k in keys])))
-    return {key: models.with_loras(loaded[key[0]], key[1]) for key in dict.fromkeys(keys)}
+def _patched_experts(cache: CheckpointCache, keys: list, split=None) -> tuple:
+    """(key -> the cached checkpoint with its LoRAs (one patched clone per distinct key, so one file
+    with the same LoRAs twice is one model, as ComfyUI requires), the text encoder type of `split`
+    (DiT split files: each diffusion model with the shared text encoder and VAE; None: checkpoints))."""
+    names, clip_type = [k[0] for k in keys], None
+    if split is not None:
+        ckpts, clip_type = cache.split_files(split)
+        loaded = dict(zip(split.diffusion_models, ckpts))
+    else:
+        loaded = dict(zip(names, cache.checkpoints(names)))
+    return {key: models.with_loras(loaded[key[0]], key[1]) for key in dict.fromkeys(keys)}, clip_type
 
 
 def _loras_note(loras) -> str:
@@ -199,7 +212,9 @@ def comfy_prompt(req: GenerateRequest, base: Optional[str] = None, base_loras=()
         graph[key] = {"class_type": class_type, "inputs": inputs}
         return key
     loras = req.lora_lists()
-    if base is None and not any(loras):
+    if req.split is not None:
+        model, clip, vae = _split_loaders(add, req, base)
+    elif base is None and not any(loras):
         loader = add("AFAEnsembleLoader", **{f"ckpt_{i + 1}": n for i, n in enumerate(req.checkpoints)},
                      aggregator=req.aggregator, **_ensemble_inputs(req))
         model, clip, vae = [loader, 0], [loader, 1], [loader, 2]
@@ -208,10 +223,7 @@ def comfy_prompt(req: GenerateRequest, base: Optional[str] = None, base_loras=()
                   ([(base, base_loras)] if base is not None else zip(req.checkpoints, loras))]
         model, clip, vae = chains[0]
         if base is None:
-            extra = {"aggregator": [add("AFALoadAggregator", aggregator=req.aggregator), 0]} \
-                if req.aggregator != catalog.NONE else {}
-            model = [add("AFAEnsemble", **{f"models.model_{i + 1}": c[0] for i, c in enumerate(chains)},
-                         **_ensemble_inputs(req), **extra), 0]
+            model = _ensemble_node(add, req, [c[0] for c in chains])
             clip = [add("AFACLIPMerge", **{f"clips.clip_{i + 1}": c[1] for i, c in enumerate(chains)}), 0]
     positive = [add("CLIPTextEncode", text=req.prompt, clip=clip), 0]
     negative = [add("CLIPTextEncode", text=req.negative, clip=clip), 0]
@@ -237,6 +249,32 @@ def comfy_prompt(req: GenerateRequest, base: Optional[str] = None, base_loras=()
                   denoise=req.denoise)
     add("SaveImage", images=[add("VAEDecode", samples=[samples, 0], vae=vae), 0], filename_prefix=OUTPUT_PREFIX)
     return graph
+
+
+def _ensemble_node(add, req: GenerateRequest, models_in: list) -> list:
+    """AFA Ensemble of the MODEL links (+ AFA Load Aggregator); -> its MODEL link."""
+    extra = {"aggregator": [add("AFALoadAggregator", aggregator=req.aggregator), 0]} \
+        if req.aggregator != catalog.NONE else {}
+    return [add("AFAEnsemble", **{f"models.model_{i + 1}": m for i, m in enumerate(models_in)},
+                **_ensemble_inputs(req), **extra), 0]
+
+
+def _split_loaders(add, req: GenerateRequest, base: Optional[str]) -> tuple:
+    """DiT split files: Load Diffusion Model per model (-> AFA Ensemble, unless `base`), Load CLIP /
+    DualCLIPLoader / TripleCLIPLoader by the number of text encoder files, Load VAE; -> (MODEL,
+    CLIP, VAE) links."""
+    unets = [[add("UNETLoader", unet_name=n, weight_dtype="default"), 0]
+             for n in ([base] if base is not None else req.diffusion_models)]
+    files = list(req.text_encoders)
+    if len(files) == 1:
+        clip = add("CLIPLoader", clip_name=files[0], type=req.clip_type)
+    elif len(files) == 2:
+        clip = add("DualCLIPLoader", clip_name1=files[0], clip_name2=files[1], type=req.clip_type)
+    else:   # ComfyUI's TripleCLIPLoader has no type: SD3 / SD3.5's three text encoders
+        clip = add("TripleCLIPLoader", **{f"clip_name{i + 1}": n for i, n in enumerate(files)})
+    vae = add("VAELoader", vae_name=req.vae)
+    model = unets[0] if base is not None else _ensemble_node(add, req, unets)
+    return model, [clip, 0], [vae, 0]
 
 
 def _ensemble_inputs(req: GenerateRequest) -> dict:

@@ -1,5 +1,6 @@
-"""What the Generate tab sends: the sampling settings, the ensemble (every mode with its
-parameters), LoRAs, img2img / inpainting and ControlNet inputs. `checked()` returns a
+"""What the Generate tab sends: the sampling settings, the ensemble (checkpoints, or DiT split
+files: diffusion models sharing text encoder(s) and a VAE; every mode with its parameters),
+LoRAs, img2img / inpainting and ControlNet inputs. `checked()` returns a
 validated copy or raises AFAError naming the field and the fix.
 
 LoRAs are one line per target, `name:strength` pairs separated by commas (strength 1 when
@@ -34,6 +35,10 @@ LORA_HELP = ("One line per target: 'all: style.safetensors:0.8' (the ensemble: e
 @dataclass
 class GenerateRequest(sampling.SampleSettings):
     checkpoints: list = field(default_factory=list)
+    diffusion_models: list = field(default_factory=list)   # DiT split files, instead of checkpoints
+    text_encoders: list = field(default_factory=list)
+    vae: str = catalog.NONE
+    clip_type: str = "auto"
     mode: str = Mode.BLOCK_AVERAGE.value
     aggregator: str = catalog.NONE
     weights: str = ""
@@ -53,7 +58,16 @@ class GenerateRequest(sampling.SampleSettings):
 
     def checked(self) -> "GenerateRequest":
         req = super().checked()
-        checkpoints = catalog.check_checkpoints(self.checkpoints)
+        checkpoints, split = catalog.check_sources(self.checkpoints, self.diffusion_models, self.text_encoders,
+                                                   self.vae, self.clip_type)
+        if split is not None:
+            req = replace(req, diffusion_models=list(split.diffusion_models), text_encoders=list(split.text_encoders),
+                          vae=split.vae, clip_type=split.clip_type)
+            if str(self.loras or "").strip():
+                raise AFAError("LoRAs apply to checkpoints in the studio; DiT split files take none here (use "
+                               "ComfyUI's LoraLoaderModelOnly in a workflow). Clear the LoRA box.")
+        else:
+            req = replace(req, diffusion_models=[], text_encoders=[], vae=catalog.NONE, clip_type="auto")
         aggregator = catalog.check_aggregator(self.aggregator, self.mode)
         if not 1 <= int(self.model_index or 0) <= MAX_MODELS:
             raise AFAError(f"model_index must be between 1 and {MAX_MODELS}, got {self.model_index}.")
@@ -66,13 +80,25 @@ class GenerateRequest(sampling.SampleSettings):
         req.image_inputs()         # images readable, ControlNet known
         return replace(req, mode=spec.mode.value, full_res=str(spec.full_res))
 
+    @property
+    def split(self) -> Optional[catalog.SplitFiles]:
+        """The DiT split files of a checked request (None: checkpoints)."""
+        if not self.diffusion_models:
+            return None
+        return catalog.SplitFiles(tuple(self.diffusion_models), tuple(self.text_encoders), self.vae, self.clip_type)
+
+    @property
+    def model_names(self) -> list:
+        """The ensemble's models: checkpoint names, or diffusion model file names."""
+        return list(self.diffusion_models or self.checkpoints)
+
     def spec(self) -> EnsembleSpec:
-        return EnsembleSpec.from_ui(self.checkpoints, self.mode, self.aggregator, self.weights, self.model_index,
+        return EnsembleSpec.from_ui(self.model_names, self.mode, self.aggregator, self.weights, self.model_index,
                                     self.map_refresh, self.precision, self.full_res)
 
     def lora_lists(self) -> list:
         """[LoraChoice list] per model: the ensemble's LoRAs, then the model's own."""
-        return parse_loras(self.loras, len(self.checkpoints))
+        return parse_loras(self.loras, len(self.model_names))
 
     def image_inputs(self) -> sampling.ImageInputs:
         controlnet = None if self.controlnet in (None, "", catalog.NONE) else self.controlnet
@@ -86,7 +112,7 @@ class GenerateRequest(sampling.SampleSettings):
         extra = [w for w, on in (("img2img", self.init_image and not self.mask), ("inpaint", self.mask),
                                  ("ControlNet", self.controlnet not in (None, "", catalog.NONE)),
                                  ("LoRA", self.loras.strip())) if on]
-        return (f"{len(self.checkpoints)} models, {self.mode}, {self.steps} steps, {self.width}x{self.height}"
+        return (f"{len(self.model_names)} models, {self.mode}, {self.steps} steps, {self.width}x{self.height}"
                 + "".join(f", {w}" for w in extra))
 
     def settings(self) -> dict:
@@ -96,6 +122,9 @@ class GenerateRequest(sampling.SampleSettings):
         return dict(sample, mode=self.mode, weights=self.weights, model_index=self.model_index,
                     map_refresh=self.map_refresh, precision=self.precision, full_res=self.full_res,
                     checkpoints=list(self.checkpoints),
+                    split_files=None if self.split is None else
+                    {"diffusion_models": list(self.diffusion_models), "text_encoders": list(self.text_encoders),
+                     "vae": self.vae, "clip_type": self.clip_type},
                     aggregator=None if self.aggregator == catalog.NONE else self.aggregator,
                     loras=[[(lo.name, lo.strength) for lo in per] for per in self.lora_lists()],
                     img2img=bool(self.init_image), inpaint=bool(self.mask),

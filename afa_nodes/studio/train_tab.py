@@ -18,11 +18,10 @@ from ..service.training import reference_losses, render_loss_curve
 from . import catalog
 from .state import Studio
 from .training import TrainSnapshot, option_specs, validation_rows
-from .ui import JOB_GROUP, TITLE, as_text, label, user_errors
+from .ui import JOB_GROUP, SPLIT, TITLE, as_text, label, split_file_widgets, user_errors
 
 VALIDATION_HEADERS = ["model / ensemble", "eps-MSE", "best"]
 OWN_ROW = ("dataset_folder", "save_name", "sample_prompt")   # options with a row each
-SPLIT = ("diffusion_models", "text_encoders", "vae", "clip_type")   # DiT split files, instead of checkpoints
 
 
 def train_tab() -> dict:
@@ -35,7 +34,7 @@ def train_tab() -> dict:
                                            elem_id="afa-train-checkpoints")
             with gr.Accordion("DiT split files (FLUX, SD3.5, Chroma, Qwen-Image): instead of checkpoints",
                               open=False):
-                _split_widgets(c)
+                split_file_widgets(c, "train")
             main = [n for n in specs if not specs[n][1].get("advanced")]   # the others: "more training options"
             more = [n for n in specs if specs[n][1].get("advanced")]
             _option_rows(c["options"], specs, main)
@@ -57,26 +56,6 @@ def train_tab() -> dict:
                                       height=280, object_fit="contain", interactive=False, elem_id="afa-train-samples")
             c["report"] = gr.Textbox(label="report", lines=6, interactive=False)
     return c
-
-
-def _split_widgets(c: dict):
-    """Diffusion model files sharing text encoder file(s) and a VAE, as ComfyUI's Load Diffusion
-    Model, (Dual/Triple)CLIPLoader with a type and Load VAE read them."""
-    c["diffusion_models"] = gr.Dropdown(catalog.diffusion_models(), value=[], multiselect=True, max_choices=6,
-                                        allow_custom_value=True, label="diffusion model files (2-6)",
-                                        info="models/diffusion_models, as 'Load Diffusion Model' reads them",
-                                        elem_id="afa-train-diffusion-models")
-    c["text_encoders"] = gr.Dropdown(catalog.text_encoders(), value=[], multiselect=True, max_choices=3,
-                                     allow_custom_value=True, label="text encoder file(s) (1-3)",
-                                     info="models/text_encoders, shared by the diffusion models (FLUX: clip_l + "
-                                          "t5xxl; SD3/SD3.5: clip_l + clip_g + t5xxl)",
-                                     elem_id="afa-train-text-encoders")
-    with gr.Row():
-        c["vae"] = gr.Dropdown(catalog.vaes(), value=catalog.NONE, allow_custom_value=True, label="VAE",
-                               info="models/vae (FLUX: ae.safetensors)", elem_id="afa-train-vae")
-        c["clip_type"] = gr.Dropdown(catalog.CLIP_TYPES, value="auto", label="text encoder type",
-                                     info="as in ComfyUI's Load CLIP / DualCLIPLoader; auto: the models' family's",
-                                     elem_id="afa-train-clip-type")
 
 
 def _option_rows(widgets: dict, specs: dict, names: list, per_row: int = 2):
