@@ -107,6 +107,13 @@ def test_a_split_file_ensemble_trains_to_the_end(split, comfy):
         f"single model: {n}" for n in split.names["diffusion_models"]]
     aggregators = [c[0] for c in split.client.predict(api_name="/refresh")[1]["choices"]]
     assert "studio_sd3.safetensors" in aggregators
+    # and the Generate tab uses it on the same files (the aggregator checks their sha256)
+    out = split.client.predict(**split_args(split.names), **SMALL, mode="aggregator",
+                               aggregator="studio_sd3.safetensors", compare=False, record_maps=False,
+                               api_name="/generate")
+    (picture, caption), = gallery(out[0])
+    assert caption == "AFA ensemble (aggregator studio_sd3.safetensors)"
+    assert validated(picture)["AFALoadAggregator"] == [{"aggregator": "studio_sd3.safetensors"}]
 
 
 # ---------------------------------------------------------------- generate
@@ -129,6 +136,7 @@ def validated(path) -> dict:
 
 
 def test_generate_with_split_files_beside_each_model_alone(split):
+    split.client.predict(api_name="/cache_clear")   # (an earlier test generated with these files)
     dms, loads = split.names["diffusion_models"], status(split.client)["cache"]["loads"]
     out = split.client.predict(**split_args(split.names), **SMALL, api_name="/generate")
     pictures = gallery(out[0])
