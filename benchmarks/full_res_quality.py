@@ -8,7 +8,9 @@ trained on them the exact way (hidden 32, 4 heads, depth 1; its full-resolution 
                          in 10 steps (lower is better)
     distance to exact    RMS distance of those final latents to the exact option's
 
-Run-to-run noise of the exact design, for scale: a second SABW trained exactly like the first
+With map_refresh 2 (alone and with half resolution) the maps are computed at every second of the
+10 Euler steps (eps-MSE scores single calls, so it is the option's own there). Run-to-run noise
+of the exact design, for scale: a second SABW trained exactly like the first
 but from another seed (init and batches), scored the same way; "block-wise average" (no maps)
 is the whole effect of the maps.
 
@@ -55,6 +57,8 @@ def run_seed(seed, cfg, schedule, ctx_table):
     first = trained_sabw(layout, unets, schedule, (latents, kinds), ctx_table, cfg, seed)
     second = trained_sabw(layout, unets, schedule, (latents, kinds), ctx_table, cfg, seed + 100)
     mixers = {str(option): SABWMixer(first, full_res=option) for option in FullRes}
+    mixers["map_refresh 2"] = SABWMixer(first, refresh_every=2)   # maps every 2nd of the 10 steps (x0, latent)
+    mixers[f"{FullRes.HALF} + map_refresh 2"] = SABWMixer(first, full_res=FullRes.HALF, refresh_every=2)
     mixers["exact, second training"] = SABWMixer(second)
     mixers["block-wise average"] = uniform_mixer(len(layout.points), len(unets))
     out = {}

@@ -37,3 +37,11 @@ def test_inference_memory_quick(comfyui_path):
 def test_recording_overhead_quick(comfyui_path):
     out = run("recording_overhead.py", "--size", "64", "--steps", "2", "--repeats", "2", "--comfyui", str(comfyui_path))
     assert re.search(r"ratio", out, re.I)
+
+
+def test_full_res_quality_quick(comfyui_path):
+    out = run("full_res_quality.py", "--quick", "--seeds", "0", "--comfyui", str(comfyui_path))
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \|$", out, re.M))
+    assert {"exact", "pooled attention", "half resolution", "map_refresh 2", "half resolution + map_refresh 2",
+            "exact, second training", "block-wise average"} <= set(rows)
+    assert all(float(v) > 0 for v in rows.values())
