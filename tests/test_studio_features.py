@@ -35,7 +35,7 @@ def test_compare_mode_loads_each_checkpoint_once_across_requests_and_modes(page)
     b = page.b
     open_tab(b, "Generate")
     b.eval("document.querySelector('#afa-cache-clear').click()")
-    b.wait_for("document.querySelector('#afa-cache').innerText.includes('0/6 checkpoints')", timeout=15)
+    b.wait_for("document.querySelector('#afa-cache').innerText.includes('0/6 files')", timeout=15)
     choose(b, "afa-gen-checkpoints", page.names)
     for elem_id, value in SIZE.items():
         set_number(b, elem_id, value)
@@ -53,9 +53,9 @@ def test_compare_mode_loads_each_checkpoint_once_across_requests_and_modes(page)
     assert len(page.loads) - before == 2   # another request, another mode: still from the cache
     cache = b.wait_for("(t => t.includes('2 served') ? t : null)(document.querySelector('#afa-cache').innerText)",
                        timeout=15, what="the cache panel after the second request")
-    assert "2/6 checkpoints" in cache and all(n in cache for n in page.names) and " MB" in cache, cache
+    assert "2/6 files" in cache and all(n in cache for n in page.names) and " MB" in cache, cache
     b.eval("document.querySelector('#afa-cache-clear').click()")
-    b.wait_for("document.querySelector('#afa-cache').innerText.includes('0/6 checkpoints')", timeout=15)
+    b.wait_for("document.querySelector('#afa-cache').innerText.includes('0/6 files')", timeout=15)
     run_generation(b, 4)
     assert len(page.loads) - before == 4   # cleared: loaded again, once each
 

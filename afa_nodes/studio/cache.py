@@ -107,5 +107,6 @@ class CheckpointCache:
         entries = self.entries()
         total = sum(mb for _, mb in entries)
         listed = ", ".join(f"{name} ({mb:.0f} MB)" for name, mb in entries) or "nothing loaded"
-        return (f"Checkpoint cache: {len(entries)}/{self.capacity} checkpoints, {total:.0f} MB: {listed}. "
+        return (f"Model cache: {len(entries)}/{self.capacity} files (checkpoints, or diffusion models, text encoders "
+                f"and VAEs), {total:.0f} MB: {listed}. "
                 f"{self.loads} loaded from disk, {self.hits} served from memory.")
