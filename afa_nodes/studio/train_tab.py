@@ -20,7 +20,7 @@ from .state import Studio
 from .training import TrainSnapshot, option_specs, validation_rows
 from .ui import JOB_GROUP, SPLIT, TITLE, as_text, label, split_file_widgets, user_errors
 
-VALIDATION_HEADERS = ["model / ensemble", "eps-MSE", "best"]
+VALIDATION_HEADERS = ["model / ensemble", "held-out loss", "best"]
 OWN_ROW = ("dataset_folder", "save_name", "sample_prompt")   # options with a row each
 
 
@@ -49,8 +49,9 @@ def train_tab() -> dict:
                                         "alone and of the untrained ensemble (dashed)", type="pil", format="png",
                                   interactive=False, elem_id="afa-train-curve")
             c["table"] = gr.Dataframe(headers=VALIDATION_HEADERS, value=[], interactive=False,
-                                      label="validation on held-out images (lower is better): each model alone, "
-                                            "the uniform ensemble, the trained aggregator",
+                                      label="validation on held-out images (lower is better; the models' own "
+                                            "objective: eps-MSE, or flow-matching velocity MSE for DiTs): each model "
+                                            "alone, the uniform ensemble, the trained aggregator",
                                       column_widths=["65%", "20%", "15%"], elem_id="afa-train-table")
             c["samples"] = gr.Gallery(label="sample images (one per save, with the 'sample prompt')", columns=4,
                                       height=280, object_fit="contain", interactive=False, elem_id="afa-train-samples")
