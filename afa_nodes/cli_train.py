@@ -92,11 +92,11 @@ def check_sources(args):
 
 def experts_from_args(args):
     """(ExpertSet, CLIP, VAE) of the flags, through the service layer (ComfyUI booted)."""
-    from .service import models
+    from .service import models, split_files
 
     if args.checkpoint:
         return models.experts_from_files(args.checkpoint)
-    return models.experts_from_split_files(args.diffusion_model, args.clip, args.vae, args.clip_type)
+    return split_files.experts_from_split_files(args.diffusion_model, args.clip, args.vae, args.clip_type)
 
 
 def _distributed():

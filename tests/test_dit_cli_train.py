@@ -102,7 +102,7 @@ def test_clip_type_choices_are_comfyuis_loader_types_for_the_cli_and_the_studio(
 
 @pytest.mark.comfyui
 def test_files_of_the_wrong_kind_or_size_are_typed_errors(sd3_files, sd15_checkpoints, tmp_path):
-    from afa_nodes.service.models import experts_from_split_files
+    from afa_nodes.service.split_files import experts_from_split_files
     models, clips, vae = sd3_files["diffusion_models"], sd3_files["text_encoders"], sd3_files["vae"][0]
     sd15 = sd15_checkpoints[0].resolve()
     with pytest.raises(AFAError, match=r"afa_demo_taesd16.safetensors' is not a diffusion model ComfyUI can detect"):

@@ -294,9 +294,7 @@ class TrainConfig:
     sample_prompt: str = opt(
         "", "output", fronts=TOOLS, metavar="TEXT",
         help="At every save, one image of this prompt made with the aggregator so far (the run's seed and "
-             "resolution), written to models/afa/<save name>.samples/step_NNNNNN.png. Empty: no sample images.",
-        cli_help="At every save, one image of this prompt made with the aggregator so far (the run's seed and "
-                 "resolution), written to <out without .safetensors>.samples/step_NNNNNN.png. Empty: none.")
+             "resolution), written beside the file as <name>.samples/step_NNNNNN.png. Empty: no sample images.")
     sample_steps: int = opt(20, "output", fronts=TOOLS, min=1, max=200, advanced=True,
                             help="Sampling steps of each sample image (euler, normal schedule).")
     sample_cfg: float = opt(7.0, "output", fronts=TOOLS, min=0.0, max=100.0, step=0.5, advanced=True,

@@ -266,22 +266,6 @@ def add_demo_checkpoints(folder=None) -> list:
     return [p.name for p in paths]
 
 
-# ---------------------------------------------------------------- split DiT files (service.split_files)
-def experts_from_split_files(diffusion_models, text_encoders, vae, clip_type: str = "auto") -> tuple:
-    """Diffusion model files + text encoder file(s) + a VAE file -> (ExpertSet, the text encoder
-    shared by every expert, the VAE), as experts_from_files gives for checkpoints. `clip_type`:
-    ComfyUI's CLIP loader type (flux, sd3, chroma, ...; "auto": from the experts' family).
-    AFAError naming the file and the fix for a file of the wrong kind, experts of different
-    architectures, a text encoder or VAE that does not fit the experts (split_files.load_split_files)."""
-    from .split_files import load_split_files
-
-    check_model_count(len(diffusion_models), "training an aggregator")
-    ckpts, _ = load_split_files(diffusion_models, text_encoders, vae, clip_type)
-    experts = ExpertSet([c.model for c in ckpts], [c.path.name for c in ckpts], [file_sha256(c.path) for c in ckpts],
-                        [str(c.path) for c in ckpts])
-    return experts, ckpts[0].clip, ckpts[0].vae
-
-
 def free_memory():
     """Let ComfyUI drop the models nobody holds any more (after a cache let go of checkpoints)."""
     import gc

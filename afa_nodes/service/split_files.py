@@ -5,7 +5,7 @@ load them, and checked to fit each other with typed errors naming the file and t
 
 `load_split_files` gives a models.Checkpoint per diffusion model (sharing the text encoder and
 the VAE) for generation (models.ensemble_of_checkpoints with shared_clip) and training
-(models.experts_from_split_files); a cache (the studio's) can keep each loaded file.
+(`experts_from_split_files`); a cache (the studio's) can keep each loaded file.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import comfy.sd
 import folder_paths
 
 from ..core.errors import AFAError
+from ..core.files import file_sha256
 from ..core.spec import CLIP_TYPES, check_model_count
-from .models import Checkpoint, resolve_file
+from .models import Checkpoint, ExpertSet, resolve_file
 
-__all__ = ["CLIP_TYPES", "CLIP_TYPE_OF_FAMILY", "SPLIT_FOLDERS", "split_file_names", "load_split_files", "file_label",
-           "loaded_bytes"]
+__all__ = ["CLIP_TYPES", "CLIP_TYPE_OF_FAMILY", "SPLIT_FOLDERS", "experts_from_split_files", "split_file_names",
+           "load_split_files", "file_label", "loaded_bytes"]
 
 # the text encoder type for "auto", by the experts' family
 CLIP_TYPE_OF_FAMILY = {"flux": "flux", "chroma": "chroma", "mmdit": "sd3", "qwen_image": "qwen_image"}
@@ -74,6 +75,17 @@ def load_split_files(diffusion_models, text_encoders, vae, clip_type: str = "aut
                        f"'{names[0]}' takes {wanted}: give the model's own VAE (FLUX: ae.safetensors; SD3/SD3.5: "
                        "its 16-channel VAE).")
     return [replace(c, clip=clip, vae=vae_model) for c in ckpts], clip_type
+
+
+def experts_from_split_files(diffusion_models, text_encoders, vae, clip_type: str = "auto") -> tuple:
+    """Diffusion model files + text encoder file(s) + a VAE file -> (models.ExpertSet, the text
+    encoder shared by every expert, the VAE), as models.experts_from_files gives for checkpoints;
+    the errors of `load_split_files`."""
+    check_model_count(len(diffusion_models), "training an aggregator")
+    ckpts, _ = load_split_files(diffusion_models, text_encoders, vae, clip_type)
+    experts = ExpertSet([c.model for c in ckpts], [c.path.name for c in ckpts], [file_sha256(c.path) for c in ckpts],
+                        [str(c.path) for c in ckpts])
+    return experts, ckpts[0].clip, ckpts[0].vae
 
 
 def _file_name(folder: str, name) -> str:

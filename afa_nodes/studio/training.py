@@ -27,7 +27,7 @@ from safetensors import safe_open
 from .. import logger
 from ..core.errors import AFAError
 from ..core.train_config import STUDIO, from_ui, options, to_ui
-from ..service import models, training
+from ..service import models, split_files, training
 from . import catalog
 from .jobs import TRAINING, Job, JobBoard, format_duration
 
@@ -158,7 +158,7 @@ class TrainingRun:
         try:
             if self.split:
                 self._status("loading the diffusion models, their text encoder(s) and VAE")
-                experts, clip, vae = models.experts_from_split_files(
+                experts, clip, vae = split_files.experts_from_split_files(
                     list(self.split.diffusion_models), list(self.split.text_encoders), self.split.vae,
                     self.split.clip_type)
             else:
