@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_server import ComfyServer, ComfyServerError
+from dit_files import skip_unless_comfyui_reads_flux_text_width
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.comfyui
@@ -160,6 +161,7 @@ def flux_server(server, comfy, sd15_checkpoints):
     from afa_nodes.comfy_dit_models import ensure_flux_demo_files
     srv, models = server
     files = ensure_flux_demo_files(checkpoint_cache_dir() / "dit", sd15_checkpoints[0].resolve())
+    skip_unless_comfyui_reads_flux_text_width(files)
     for p in files["diffusion_models"]:
         link = models / "diffusion_models" / p.name
         if not link.exists():
