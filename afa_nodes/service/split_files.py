@@ -18,10 +18,10 @@ import folder_paths
 
 from ..core.errors import AFAError
 from ..core.files import file_sha256
-from ..core.spec import CLIP_TYPES, check_model_count
+from ..core.spec import check_model_count
 from .models import Checkpoint, ExpertSet, resolve_file
 
-__all__ = ["CLIP_TYPES", "CLIP_TYPE_OF_FAMILY", "SPLIT_FOLDERS", "experts_from_split_files", "split_file_names",
+__all__ = ["CLIP_TYPE_OF_FAMILY", "SPLIT_FOLDERS", "experts_from_split_files", "split_file_names",
            "load_split_files", "file_label", "loaded_bytes"]
 
 # the text encoder type for "auto", by the experts' family

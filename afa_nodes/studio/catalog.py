@@ -14,13 +14,13 @@ from typing import Optional
 import folder_paths
 
 from ..core.errors import AFAError
-from ..core.spec import MAX_MODELS, MIN_MODELS, MODE_NAMES, Mode, parse_mode
+from ..core.spec import CLIP_TYPES as SPEC_CLIP_TYPES, MAX_MODELS, MIN_MODELS, MODE_NAMES, Mode, parse_mode
 from ..service import models, split_files
 from ..service.sampling import samplers, schedulers
 
 NONE = models.NONE
 MODES = MODE_NAMES
-CLIP_TYPES = list(split_files.CLIP_TYPES)   # text encoder types of split files (ComfyUI's CLIP loaders'; "auto" first)
+CLIP_TYPES = list(SPEC_CLIP_TYPES)   # text encoder types of split files (ComfyUI's CLIP loaders'; "auto" first)
 MAX_TEXT_ENCODERS = 3                  # ComfyUI's TripleCLIPLoader
 
 __all__ = ["NONE", "MODES", "CLIP_TYPES", "checkpoints", "diffusion_models", "text_encoders", "vaes", "aggregators",
