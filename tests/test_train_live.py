@@ -6,7 +6,7 @@ import pytest
 from test_train_core import run
 
 from afa_nodes.core.aggregator_file import load_aggregator
-from afa_nodes.core.train_report import REFERENCE_COLORS, CURVE_SIZE, reference_losses, render_loss_curve
+from afa_nodes.core.train_report import CURVE_SIZE, REFERENCE_COLORS, TRAIN_COLOR, reference_losses, render_loss_curve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,6 +58,6 @@ def test_references_are_dashed_lines_at_their_loss_inside_the_plot():
     row = np.all(shown[uniform_y] == np.array(REFERENCE_COLORS[0], dtype=np.uint8), axis=-1)
     assert np.count_nonzero(np.diff(row.astype(int)) == 1) > 20  # dashed: many separate pieces
     # the plot's scale includes the references: the train line's top moves down when 2.0 is shown
-    train_rows_plain = _rows_with(plain, (31, 119, 180))
-    train_rows_shown = _rows_with(shown, (31, 119, 180))
+    train_rows_plain = _rows_with(plain, TRAIN_COLOR)
+    train_rows_shown = _rows_with(shown, TRAIN_COLOR)
     assert min(r for r in train_rows_shown if r > top + 1) > min(r for r in train_rows_plain if r > top + 1)
